@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every advex experiment, one line per result. Results: runs/results.md (table beside the paper's
+# numbers), runs/results.json, PNG figures in runs/. Artifacts in runs/artifacts/ are reused, so an
+# interrupted run resumes where it stopped.
+#   bash run_all.sh                    # full size (one GPU)
+#   QUICK=1 bash run_all.sh            # tiny sizes, CPU, seconds
+#   bash run_all.sh --data /path/to/data --seeds 0,1,2   # extra flags go to every line
+set -euo pipefail
+cd "$(dirname "$0")"
+args=("$@")
+if [ "${QUICK:-0}" = 1 ]; then args+=(--quick); fi
+
+python advex.py standard "${args[@]}"
+python advex.py robust "${args[@]}"
