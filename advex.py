@@ -525,12 +525,13 @@ def invert(model, x, x0, steps, step, batch=4096, name=""):
     """Ilyas et al. Sec. 3.1: for each target x, find z in [0,1]^d whose representation matches x's,
     z = argmin ||g(z) - g(x)||_2, by L2-normalised gradient steps starting from x0 (no eps-ball, only the
     [0,1] clamp). This is PGD with an infinite radius on the loss -||g(z) - g(x)||^2 (the square has the
-    same descent direction and a zero gradient at z = x, so x0 = x stays put).
+    same descent direction and a zero gradient at z = x, so x0 = x stays put), keeping each example's
+    best iterate: fixed-length steps can overshoot once z is close, and the best is never worse than x0.
     x, x0: (N, C, H, W) in [0,1]. Returns z (N, C, H, W) fp32 and the relative distance
     ||g(z) - g(x)|| / ||g(x)|| (N,), the construction's quality."""
     gx = features(model, x, batch)  # (N, D)
     loss = lambda z, target: -(model.features(z).float() - target).pow(2).sum(dim=1)
-    z = pgd(model, x0, gx, math.inf, steps, norm="l2", step=step, batch=batch, loss_fn=loss, name=name)
+    z = pgd(model, x0, gx, math.inf, steps, norm="l2", step=step, best=True, batch=batch, loss_fn=loss, name=name)
     rel = (features(model, z, batch) - gx).norm(dim=1) / gx.norm(dim=1).clamp_min(1e-12)
     return z, rel
 

@@ -10,5 +10,6 @@ cd "$(dirname "$0")"
 args=("$@")
 if [ "${QUICK:-0}" = 1 ]; then args+=(--quick); fi
 
-python advex.py standard "${args[@]}"
-python advex.py robust "${args[@]}"
+python advex.py standard "${args[@]}"       # standard CIFAR-10 model
+python advex.py robust "${args[@]}"         # L2 adversarially trained model (eps 0.5)
+python advex.py ilyas "${args[@]}"          # Sec. 3: D_R, D_NR, D_rand, D_det and four fresh models (reuses the two above)

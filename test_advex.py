@@ -373,3 +373,120 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().startswith("advex: error: CIFAR-10 not found") and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- Ilyas et al. Sec. 3
+
+def test_inversion_lowers_every_representation_distance(trained_tiny):
+    model, x, y = trained_tiny
+    x, x0 = x[:40], x[1:41]  # each start image from another class (labels cycle 0..9)
+    g = advex.features(model, x)
+    before = (advex.features(model, x0) - g).norm(dim=1)
+    z, rel = advex.invert(model, x, x0, steps=30, step=0.1, batch=16)
+    after = (advex.features(model, z) - g).norm(dim=1)
+    assert (after < before).all() and (after.mean() < 0.5 * before.mean())
+    assert torch.allclose(rel, after / g.norm(dim=1), atol=1e-5)
+    assert z.min() >= 0 and z.max() <= 1 and z.shape == x.shape
+    assert ((z - advex.to_float(x0)).flatten(1).norm(dim=1) > 0.5).all()  # no eps-ball: z travels far
+
+
+def test_inversion_from_the_target_itself_stays_put(trained_tiny):
+    model, x, _ = trained_tiny
+    z, rel = advex.invert(model, x[:8], x[:8], steps=10, step=0.1)
+    assert torch.equal(z, advex.to_float(x[:8])) and (rel == 0).all()
+
+
+def test_start_images_are_other_images():
+    torch.manual_seed(0)
+    j = advex.random_other(1000)
+    assert (j != torch.arange(1000)).all() and j.min() >= 0 and j.max() < 1000
+    assert len(j.unique()) > 500  # drawn at random, not a fixed shift
+
+
+def test_relabelling_rules():
+    y = torch.arange(1000) % 10
+    assert torch.equal(advex.relabel_targets(y, "det"), (y + 1) % 10)
+    torch.manual_seed(0)
+    t = advex.relabel_targets(y, "rand")
+    assert sorted(t.unique().tolist()) == list(range(10))
+    assert 0.05 < (t == y).float().mean() < 0.15  # uniform over all classes, so t = y about 1 time in 10
+    with pytest.raises(advex.AdvexError):
+        advex.relabel_targets(y, "shuffle")
+
+
+def test_constructed_dataset_round_trip(tmp_path):
+    path = str(tmp_path / "d.pt")
+    x, y = torch.rand(6, 3, 32, 32), torch.arange(6)
+    advex.save_dataset(path, x, y, {"eps": 0.5, "steps": 3}, fooled=torch.ones(6, dtype=torch.bool))
+    d = advex.load_dataset(path)
+    assert d["images"].dtype == torch.float16 and d["labels"].dtype == torch.int64
+    assert (d["images"].float() - x).abs().max() < 1e-3  # fp16: ~5e-4 at most in [0,1], not uint8's 2e-3
+    assert d["settings"] == {"eps": 0.5, "steps": 3} and d["fooled"].all()
+    with pytest.raises(advex.AdvexError):
+        advex.save_dataset(path, x, y[:5], {})
+
+
+class Foreign:  # an arbitrary pickled object, which weights_only loading must refuse
+    pass
+
+
+def write_released(folder, ims, lab):
+    os.makedirs(folder, exist_ok=True)
+    torch.save(ims, os.path.join(folder, "CIFAR_ims"))
+    torch.save(lab, os.path.join(folder, "CIFAR_lab"))
+    return str(folder)
+
+
+def test_released_dataset_loader(tmp_path):
+    ims, lab = torch.rand(10, 3, 32, 32), torch.arange(10)
+    x, y = advex.load_released(write_released(tmp_path / "a", ims, lab))
+    assert torch.equal(x, ims) and torch.equal(y, lab)
+    x, y = advex.load_released(write_released(tmp_path / "b", [ims[:4], ims[4:]], [lab[:4], lab[4:]]))
+    assert torch.equal(x, ims) and torch.equal(y, lab)  # lists of tensors are concatenated
+    bad = {"c": (ims[:, :1], lab), "d": (ims, lab[:9]), "e": (ims * 3, lab), "f": (ims, lab + 5),
+           "g": ({"x": ims}, lab), "h": ((ims * 255).byte(), lab)}
+    for name, (i, l) in bad.items():
+        with pytest.raises(advex.AdvexError, match="released dataset"):
+            advex.load_released(write_released(tmp_path / name, i, l))
+    with pytest.raises(advex.AdvexError, match="not found"):
+        advex.load_released(str(tmp_path / "nowhere"))
+    torch.save(Foreign(), str(tmp_path / "a" / "CIFAR_lab"))
+    with pytest.raises(advex.AdvexError, match="cannot read"):
+        advex.load_released(str(tmp_path / "a"))
+
+
+def test_train_on_released_dataset_cli(data_dir, tmp_path):
+    folder = write_released(tmp_path / "released", torch.rand(100, 3, 32, 32), torch.arange(100) % 10)
+    recs = run_cli("train-on", "--dataset", folder, out=tmp_path / "o", data=data_dir)
+    assert {r["metric"] for r in recs if r["experiment"] == "train-on released"} >= {"standard acc", "robust acc L2 0.25"}
+
+
+def test_ilyas_quick_end_to_end(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    recs = run_cli("ilyas", out=out, data=data_dir)
+    got = {(r["experiment"], r["metric"]): r for r in recs}
+    for name in ("standard", "robust", "d_r", "d_nr", "d_rand", "d_det"):
+        assert (name, "standard acc") in got and (name, "robust acc L2 0.25") in got
+        assert got[(name, "standard acc")]["paper"] == advex.PAPER[(name, "standard acc")]
+    for name in ("d_rand", "d_det"):
+        assert 0 <= got[(name, "fooling rate")]["value"] <= 100
+    for name in ("d_r", "d_nr"):
+        assert got[(name, "inversion rel. dist mean")]["value"] > 0
+    assert got[("d_rand", "standard acc")]["settings"]["lr"] == advex.Config.rel_lr
+    assert got[("d_det", "standard acc")]["settings"]["augment"] is False
+    table = open(out / "results.md").read()
+    assert all(f"| {n} | standard acc |" in table for n in ("d_r", "d_nr", "d_rand", "d_det"))
+    from PIL import Image
+    for name in ("d_r", "d_nr", "d_rand", "d_det"):
+        im = Image.open(out / f"{name}.png")
+        assert im.format == "PNG" and im.height > 3 * 32 * 2 if name in ("d_r", "d_nr") else im.height > 64
+    # the constructed datasets: D_det labels are exactly the shifted true labels; fp16 images in [0,1]
+    det = next(advex.load_dataset(out / "artifacts" / f) for f in os.listdir(out / "artifacts") if f.startswith("d_det-f"))
+    xtr, ytr, _, _ = advex.load_cifar10(data_dir, download=False)
+    assert torch.equal(det["labels"], (ytr + 1) % 10) and torch.equal(det["true"], ytr)
+    assert det["images"].dtype == torch.float16 and det["images"].min() >= 0 and det["images"].max() <= 1
+    assert ((det["images"].float() - xtr / 255).flatten(1).norm(dim=1) <= advex.Config.rel_eps + 1e-2).all()
+    capsys.readouterr()
+    run_cli("ilyas", out=out, data=data_dir)  # everything is reused on a second run
+    printed = capsys.readouterr().out
+    assert "trained in" not in printed and "built in" not in printed
