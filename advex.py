@@ -81,11 +81,25 @@ class Config:
     rel_step: float = 0.1         # L2 step length
     rel_lr: float = 0.02          # peak lr for training on D_rand (paper: 0.01 there vs 0.1 elsewhere, i.e. lr/10)
     dataset: str = ""             # train-on: folder with CIFAR_ims and CIFAR_lab (MadryLab's released layout)
+    # Wallace's response: learning from a model's wrong labels
+    mis_teacher_epochs: int = 2   # mislabeled: epochs of the weak teacher (response: ResNet-18, 2 epochs)
+    mis_epochs: int = 50          # mislabeled: epochs of the student trained on the teacher's errors only
+    mnist_epochs: int = 3         # mnist-fashion: epochs of the MNIST CNN teacher and of each student
+    mnist_batch: int = 128        # mnist-fashion: batch size
+    mnist_lr: float = 0.05        # mnist-fashion: peak learning rate (same one-cycle schedule)
+    # Nakkiran's and Goh's responses
+    bugs_k: int = 10              # bugs: ensemble size; costs K extra trainings and K+1 forward/backward passes per step
+    squares_n: int = 10000        # squares: training images (the test set is a tenth of it)
+    squares_epochs: int = 30      # squares: epochs of the network that memorises the noisy labels
+    leak_eps: float = 0.5         # leakage: L2 radius of the robust linear classifier's adversarial training
+    leak_epochs: int = 10         # leakage: epochs of that linear classifier
+    leak_lr: float = 0.002        # leakage: its peak lr (a linear model on 3072 correlated pixels diverges at 0.2)
 
 
 # --quick: sizes small enough for a CPU in seconds; the code path is the same as the full run.
 QUICK = dict(n_train=200, n_test=100, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2,
-             eval_steps=3, attack_batch=64, inv_steps=5, rel_steps=5)
+             eval_steps=3, attack_batch=64, inv_steps=5, rel_steps=5, mis_teacher_epochs=1, mis_epochs=2,
+             mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2)
 
 
 class AdvexError(Exception):
@@ -359,6 +373,18 @@ class MnistCNN(Net):
         return self.body(self.normalize(x))
 
 
+class LinearNet(Net):
+    """A linear classifier on normalised pixels (Goh's robust linear model): g(x) is the normalised image
+    flattened (B, C*H*W); the head's C logits are its linear features."""
+
+    def __init__(self, classes=10, shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD):
+        super().__init__(mean, std)
+        self.head = nn.Linear(math.prod(shape), classes)
+
+    def features(self, x):
+        return self.normalize(x).flatten(1)
+
+
 class BatchedLinear(nn.Module):
     """S independent linear layers applied at once: x (S*N, din) -> (S*N, dout), the s-th block of N rows
     through the s-th weight. Lets toy2d train one MLP per seed, 100 seeds in one batched matmul."""
@@ -398,6 +424,10 @@ def make_model(arch, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD):
         return ResNet([2, 2, 2, 2] if arch == "resnet18" else [3, 4, 6, 3], arch == "resnet50", width, classes, mean, std)
     if arch == "vgg16":
         return VGG(width, classes, mean, std)
+    if arch == "mnist_cnn":
+        return MnistCNN(classes)
+    if arch == "linear":
+        return LinearNet(classes, mean=mean, std=std)
     raise AdvexError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -503,6 +533,21 @@ def _pgd_batch(loss_fn, x, y, eps, steps, step, norm, random_start, best, lo, hi
     return best_x if best else xa.detach()
 
 
+def nontransferable_loss(target, members):
+    """Nakkiran (Distill 2019): a PGD loss for adversarial examples that fool `target` towards t but not the
+    independently trained `members`: -CE(target(x'), t) - mean_k CE(member_k(x'), y). Use with pgd(...,
+    y=torch.stack([t, y], 1), loss_fn=...). The members are put in eval mode (pgd only sets target's)."""
+    for m in members:
+        m.eval()
+
+    def loss(xa, ty):  # ty: (B, 2) = (target class, true class)
+        fool = F.cross_entropy(target(xa).float(), ty[:, 0], reduction="none")
+        keep = sum(F.cross_entropy(m(xa).float(), ty[:, 1], reduction="none") for m in members) / len(members)
+        return -fool - keep
+
+    return loss
+
+
 # =============================================================================================
 # Inversion: robust-feature datasets (Ilyas et al. Sec. 3.1)
 # =============================================================================================
@@ -557,6 +602,15 @@ def relabel_targets(y, rule, classes=10):
     if rule == "rand":
         return torch.randint(0, classes, y.shape, device=y.device)
     raise AdvexError(f"unknown relabelling rule {rule!r}")
+
+
+def keep_wrong(model, x, y, batch=4096):
+    """Wallace, "Learning from Incorrectly Labeled Data": relabel every image with the model's prediction
+    and keep only those where it is wrong. Returns the kept images (a subset of x), their (wrong) labels
+    and the boolean mask (N,)."""
+    pred = predict(model, x, batch)
+    keep = pred != y
+    return x[keep], pred[keep], keep
 
 
 def save_dataset(path, images, labels, settings, **extra):
@@ -687,6 +741,19 @@ def robust_accuracy(model, x, y, eps, steps, restarts=1, norm="l2", batch=4096):
     return ok.float().mean().item()
 
 
+@torch.no_grad()
+def linear_certified_accuracy(model, x, y, r):
+    """Goh: the share of examples a LinearNet classifies correctly with a margin that no L2 perturbation of
+    radius r (pixel units) can undo. Logits f(x) = W (x - m) / s + b, so a perturbation d changes
+    f_y - f_j by (w_y - w_j) . (d / s), at most r * ||(w_y - w_j) / s||_2 (Cauchy-Schwarz, attained)."""
+    W = model.head.weight / model.std.expand(1, *x.shape[1:]).flatten(1)  # (C, D): the weights in pixel units
+    f = model(to_float(x)).float()  # (N, C)
+    margin = f.gather(1, y[:, None]) - f  # (N, C), 0 at j = y
+    reach = r * (W[y][:, None, :] - W[None, :, :]).norm(dim=2)  # (N, C), 0 at j = y
+    safe = (margin > reach) | (torch.arange(f.shape[1], device=y.device) == y[:, None])
+    return safe.all(dim=1).float().mean().item()
+
+
 def attack_settings(eps, steps, restarts, norm="l2"):
     return dict(norm=norm, eps=eps, steps=steps, step=round(2.5 * eps / steps, 6), restarts=restarts)
 
@@ -705,9 +772,9 @@ def evaluate(cfg, model, x, y):
 # Results: OUT/results.json (every record) and OUT/results.md (the table beside the paper)
 # =============================================================================================
 
-def record(cfg, experiment, metric, value, paper=None, **settings):
+def record(cfg, experiment, metric, value, paper=None, arch=None, **settings):
     return dict(experiment=experiment, metric=metric, value=round(float(value), 4), paper=paper,
-                seed=cfg.seed, arch=cfg.arch + (" quick" if cfg.quick else ""), settings=settings)
+                seed=cfg.seed, arch=(arch or cfg.arch) + (" quick" if cfg.quick else ""), settings=settings)
 
 
 def write_results(out, records):
@@ -764,7 +831,8 @@ def trained(cfg, dev, name, x, y, settings):
     """Train a fresh cfg.arch model on (x, y) with `settings` (see train_settings), or load the checkpoint
     those settings already produced. Returns the model in eval mode on dev."""
     path = os.path.join(cfg.out, "artifacts", f"{name}-{settings['arch']}-s{cfg.seed}-{settings_key(settings)}.pt")
-    model = make_model(settings["arch"], settings["width"]).to(dev)
+    model = make_model(settings["arch"], settings["width"], settings.get("classes", 10),
+                       *settings.get("norm", (CIFAR_MEAN, CIFAR_STD))).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if os.path.isfile(path):
@@ -961,6 +1029,243 @@ def exp_ilyas(cfg, dev):
     return recs
 
 
+def exp_mislabeled(cfg, dev):
+    """Wallace (Distill 2019): a weak teacher (2 epochs) relabels the CIFAR-10 training set with its own
+    predictions; only the images it gets *wrong* are kept; a fresh model trained on them alone is tested
+    on the real test set. Response (ResNet-18): teacher 62.5% train / 63.1% test, 18,768 kept, 49.7%."""
+    x, y, xte, yte = cifar(cfg, dev)
+    tset = train_settings(cfg, epochs=cfg.mis_teacher_epochs)
+    teacher = trained(cfg, dev, "mislabeled-teacher", x, y, tset)
+    xk, yk, keep = keep_wrong(teacher, x, y, cfg.attack_batch)
+    log(f"[mislabeled] kept {len(xk)} of {len(x)} training images, all labelled with the teacher's wrong class")
+    student = trained(cfg, dev, "mislabeled-student", xk, yk,
+                      train_settings(cfg, epochs=cfg.mis_epochs, data="teacher-wrong", teacher=settings_key(tset)))
+    e = "mislabeled"
+    return [record(cfg, e, "teacher train acc", 100 * (1 - keep.float().mean().item()), 62.5, epochs=cfg.mis_teacher_epochs),
+            record(cfg, e, "teacher test acc", 100 * accuracy(teacher, xte, yte, cfg.attack_batch), 63.1),
+            record(cfg, e, "kept (wrong) images", len(xk), 18768 if len(x) == 50000 else None, of=len(x)),
+            record(cfg, e, "student test acc", 100 * accuracy(student, xte, yte, cfg.attack_batch), 49.7,
+                   epochs=cfg.mis_epochs)]
+
+
+def fashion_as_mnist(xf, variant, mnist_mean=0.1307, mnist_std=0.3081):
+    """Fashion-MNIST images prepared for an MNIST network, whose normalisation (x - 0.1307) / 0.3081 is
+    inside it. What the network's first layer sees:
+      'own':   (x - mean_F) / std_F, Fashion standardised with its own statistics (computed here from
+               the images given), the way it would be fed with its own Normalize transform.
+               In pixel space: x' = (x - mean_F) / std_F * 0.3081 + 0.1307 (may leave [0,1]).
+      'mnist': (x - 0.1307) / 0.3081, Fashion standardised with MNIST's statistics: x' = x.
+    xf: (N,1,28,28) uint8 -> float32."""
+    x = to_float(xf)
+    if variant == "mnist":
+        return x
+    return (x - x.mean()) / x.std() * mnist_std + mnist_mean
+
+
+def exp_mnist_fashion(cfg, dev):
+    """Wallace (Distill 2019): an MNIST CNN labels the Fashion-MNIST training images (their own labels are
+    never read); a fresh CNN trained on those pairs is tested on MNIST. Response: teacher 99.1%, student
+    91.04% (Fashion normalised with its own statistics), 94.5% (with MNIST's)."""
+    xm, ym, xmt, ymt = (t.to(dev) for t in load_mnist(cfg.data, False, cfg.download))
+    xf = load_mnist(cfg.data, True, cfg.download)[0].to(dev)  # images only: Fashion's labels are not used
+    n = cfg.n_train or len(xm)
+    xm, ym, xf, xmt, ymt = xm[:n], ym[:n], xf[:n], xmt[:cfg.n_test or len(xmt)], ymt[:cfg.n_test or len(ymt)]
+    mnist = dict(arch="mnist_cnn", width=0, seed=cfg.seed, n_train=n, batch=cfg.mnist_batch, lr=cfg.mnist_lr,
+                 momentum=cfg.momentum, wd=cfg.wd, smoothing=0.0, augment=False, epochs=cfg.mnist_epochs)
+    teacher = trained(cfg, dev, "mnist-teacher", xm, ym, mnist)
+    e = "mnist-fashion"
+    recs = [record(cfg, e, "teacher MNIST test acc", 100 * accuracy(teacher, xmt, ymt), 99.1, "mnist_cnn",
+                   epochs=cfg.mnist_epochs)]
+    for variant, paper in (("own", 91.04), ("mnist", 94.5)):
+        xv = fashion_as_mnist(xf, variant)
+        labels = predict(teacher, xv)  # the teacher's argmax labels on Fashion images
+        hist = torch.bincount(labels, minlength=10).tolist()
+        log(f"[{e}] Fashion-MNIST relabelled by the MNIST teacher ({variant} statistics): label histogram {hist}")
+        student = trained(cfg, dev, f"mnist-student-{variant}", xv, labels,
+                          dict(mnist, data=f"fashion-{variant}", teacher=settings_key(mnist)))
+        recs.append(record(cfg, e, f"student MNIST test acc ({variant} stats)", 100 * accuracy(student, xmt, ymt),
+                           paper, "mnist_cnn", label_hist=hist, epochs=cfg.mnist_epochs))
+    return recs
+
+
+def exp_bugs(cfg, dev):
+    """Nakkiran, "Adversarial Examples are Just Bugs, Too" (Distill 2019): adversarial examples made *not* to
+    transfer. Targeted PGD towards t = (y + 1) mod 10 on the target (the standard model) while an ensemble of
+    K independently trained models is kept on y: ascend -CE(target(x'), t) - mean_k CE(ens_k(x'), y).
+    Beside plain targeted PGD with the same budget, report the attack success on the target, the transfer to
+    a fresh model, and a fresh model trained on the D_det-style set (x', t): test accuracy on the true and on
+    the shifted labels. These "bugs" carry no features that generalise; plain PGD examples do."""
+    data = cifar(cfg, dev)
+    x, y, xte, yte = data
+    target = standard_model(cfg, dev, data)
+    members = [trained(cfg, dev, f"bugs-member{k}", x, y, train_settings(cfg, member=k)) for k in range(cfg.bugs_k)]
+    fresh = trained(cfg, dev, "bugs-fresh", x, y, train_settings(cfg, member="fresh"))
+    t = (y + 1) % 10
+    paper = {("l2", "pgd"): (82.5, 33.2, 27.3), ("l2", "bugs"): (1.7, 2.8, 70.8),
+             ("linf", "pgd"): (52.1, 23.7, 40.4), ("linf", "bugs"): (0.8, 2.5, 75.9)}
+
+    recs = []
+    for norm, eps, step in (("l2", 2.5, 0.5), ("linf", 8 / 255, 2 / 255)):
+        for method in ("pgd", "bugs"):
+            name = f"bugs-{norm}-{method}"
+            settings = dict(source=train_settings(cfg), arch=cfg.arch, norm=norm, eps=eps, step=step, steps=10,
+                            method=method, k=cfg.bugs_k if method == "bugs" else 0)
+
+            def build():
+                seed_all(cfg.seed, name)
+                if method == "pgd":
+                    xa = pgd(target, x, t, eps, 10, norm, step, targeted=True, batch=cfg.attack_batch, name=name)
+                else:
+                    xa = pgd(target, x, torch.stack([t, y], 1), eps, 10, norm, step, batch=cfg.attack_batch,
+                             loss_fn=nontransferable_loss(target, members), name=name)
+                return xa, t, {}
+
+            ds = construct(cfg, name, settings, build)
+            xa = ds["images"].to(dev)
+            success = 100 * (predict(target, xa, cfg.attack_batch) == t).float().mean().item()
+            transfer = 100 * (predict(fresh, xa, cfg.attack_batch) == t).float().mean().item()
+            model = trained(cfg, dev, f"{name}-model", xa, t, train_settings(cfg, augment=False, data=name,
+                                                                             data_key=settings_key(settings)))
+            true = 100 * accuracy(model, xte, yte, cfg.attack_batch)
+            shifted = 100 * accuracy(model, xte, (yte + 1) % 10, cfg.attack_batch)
+            p = paper[(norm, method)]
+            e = f"bugs {norm} {method}"
+            recs += [record(cfg, e, "attack success on target", success, None, norm=norm, eps=round(eps, 5),
+                            steps=10, step=round(step, 5), k=settings["k"]),
+                     record(cfg, e, "transfer to fresh model", transfer, p[0]),
+                     record(cfg, e, "trained-on: test acc, true labels", true, p[1]),
+                     record(cfg, e, "trained-on: test acc, shifted labels", shifted, p[2])]
+    return recs
+
+
+def squares_data(n, flip=0.1, noise=0.1, size=32, generator=None):
+    """Nakkiran's adversarial squares: a sign s = +-1 per image; the image is s everywhere plus uniform noise
+    in [-noise, noise] per pixel, so it lives in [-1-noise, 1+noise], not [0,1]; the label is (s > 0),
+    flipped with probability `flip`. Every useful feature is robust. Returns (n,3,size,size) float32, (n,)."""
+    s = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
+    x = s.view(n, 1, 1, 1) + (torch.rand(n, 3, size, size, generator=generator) * 2 - 1) * noise
+    y = ((s > 0) ^ (torch.rand(n, generator=generator) < flip)).long()
+    return x, y
+
+
+def exp_squares(cfg, dev):
+    """Nakkiran: on adversarial squares a linear classifier (the sign of the mean pixel) is robust up to
+    Linf 0.9, yet a network that memorises the noisy labels (~99.9% train accuracy) is flipped by Linf 0.01
+    on most test points, while the same network stopped after one epoch is robust. The attack clamps to
+    [-1.1, 1.1], the images' range."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    x, y = (t.to(dev) for t in squares_data(cfg.squares_n, generator=g))
+    xte, yte = (t.to(dev) for t in squares_data(max(cfg.squares_n // 10, 100), generator=g))
+    lo, hi = -1.1, 1.1
+    flips = lambda m, eps: 100 * (predict(m, pgd(m, xte, predict(m, xte), eps, 10, "linf", lo=lo, hi=hi,
+                                                 batch=cfg.attack_batch)) != predict(m, xte)).float().mean().item()
+    linear = LinearNet(2, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).to(dev)
+    with torch.no_grad():  # logit_1 - logit_0 = 2 * mean pixel: each pixel keeps its sign under Linf < 0.9
+        linear.head.weight.copy_(torch.stack([-torch.ones(x[0].numel()), torch.ones(x[0].numel())]).to(dev) / x[0].numel())
+        linear.head.bias.zero_()
+    e = "squares"
+    recs = [record(cfg, e, "linear: test acc", 100 * accuracy(linear, xte, yte), None, "linear"),
+            record(cfg, e, "linear: flipped by Linf 0.89", flips(linear, 0.89), 0, "linear", norm="linf", eps=0.89, steps=10)]
+    for epochs, what in ((cfg.squares_epochs, "memorising"), (1, "1 epoch")):
+        s = train_settings(cfg, epochs=epochs, augment=False, smoothing=0.0, wd=0.0, n_train=cfg.squares_n, classes=2,
+                           norm=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), data="squares")
+        m = trained(cfg, dev, f"squares-{epochs}ep", x, y, s)
+        recs += [record(cfg, e, f"net {what}: train acc", 100 * accuracy(m, x, y), 99.9 if epochs > 1 else None, epochs=epochs),
+                 record(cfg, e, f"net {what}: test acc", 100 * accuracy(m, xte, yte)),
+                 record(cfg, e, f"net {what}: flipped by Linf 0.01", flips(m, 0.01), None, norm="linf", eps=0.01, steps=10)]
+    return recs
+
+
+def fit_linear(f, y, steps=500, lr=0.05):
+    """Multinomial logistic regression on standardised features, full batch (Adam). f: (N, D) -> a function
+    mapping features to logits."""
+    mu, sd = f.mean(0), f.std(0).clamp_min(1e-6)
+    lin = nn.Linear(f.shape[1], 10).to(f.device)
+    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    z = (f - mu) / sd
+    for _ in range(steps):
+        loss = F.cross_entropy(lin(z), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lambda h: lin((h - mu) / sd)
+
+
+def exp_leakage(cfg, dev):
+    """Goh, "Robust Feature Leakage" (Distill 2019): the 10 linear features of a robust linear classifier
+    (L2 adversarial training), certified useful within L2 0.25, carry information into D_rand but not D_det:
+    a linear model on those features trained on D_rand reaches 23.5% on the real test set, on D_det 6.81%."""
+    data = cifar(cfg, dev)
+    x, y, xte, yte = data
+    lin = trained(cfg, dev, "leakage-linear", x, y, train_settings(
+        cfg, arch="linear", width=0, epochs=cfg.leak_epochs, lr=cfg.leak_lr, augment=False, smoothing=0.0, adv_eps=cfg.leak_eps,
+        adv_steps=cfg.adv_steps, adv_step=2.5 * cfg.leak_eps / cfg.adv_steps))
+    e = "leakage"
+    feats = lambda imgs: torch.cat([lin(to_float(imgs[i:i + cfg.attack_batch])).detach().float()
+                                    for i in range(0, len(imgs), cfg.attack_batch)])  # (N, 10)
+    recs = [record(cfg, e, "robust linear: test acc", 100 * accuracy(lin, xte, yte), None, "linear", adv_eps=cfg.leak_eps),
+            record(cfg, e, "robust linear: certified acc L2 0.25", 100 * linear_certified_accuracy(lin, xte, yte, 0.25),
+                   None, "linear")]
+    with torch.enable_grad():
+        head = fit_linear(feats(x), y)
+    recs.append(record(cfg, e, "linear on features, trained on D", 100 * (head(feats(xte)).argmax(1) == yte).float().mean().item(),
+                       None, "linear"))
+    for name, paper in (("d_rand", 23.5), ("d_det", 6.81)):
+        ds = build_relabelled(cfg, dev, data, name)
+        with torch.enable_grad():
+            head = fit_linear(feats(ds["images"].to(dev)), ds["labels"].to(dev))
+        acc = 100 * (head(feats(xte)).argmax(1) == yte).float().mean().item()
+        recs.append(record(cfg, e, f"linear on features, trained on {name}", acc, paper, "linear"))
+    return recs
+
+
+def scatter(path, points, xlabel, ylabel, size=360):
+    """PNG scatter plot of labelled (x, y) points, both axes 0-100, with PIL."""
+    from PIL import Image, ImageDraw
+    pad = 40
+    im = Image.new("RGB", (size + 2 * pad, size + 2 * pad), "white")
+    d = ImageDraw.Draw(im)
+    to = lambda u, v: (pad + u / 100 * size, pad + (1 - v / 100) * size)
+    d.rectangle([to(0, 100), to(100, 0)], outline="black")
+    for k in range(0, 101, 20):
+        d.text((to(k, 0)[0] - 6, pad + size + 4), str(k), fill="black")
+        d.text((pad - 22, to(0, k)[1] - 5), str(k), fill="black")
+    d.text((pad + size / 2 - 60, pad + size + 20), xlabel, fill="black")
+    d.text((4, 8), ylabel, fill="black")
+    for label, u, v in points:
+        (a, b) = to(u, v)
+        d.ellipse([a - 4, b - 4, a + 4, b + 4], fill=(33, 113, 181))
+        d.text((a + 6, b - 6), label, fill="black")
+    im.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def exp_transfer(cfg, dev):
+    """Ilyas Fig. 3: architectures that learn more from the source's D_det are those its adversarial
+    examples transfer to. For each architecture: test accuracy after training on D_det (built on the
+    standard cfg.arch model), and the share of D_det's targeted examples that an independently trained
+    standard model of that architecture classifies as the target."""
+    data = cifar(cfg, dev)
+    x, y, xte, yte = data
+    ds = build_relabelled(cfg, dev, data, "d_det")
+    xa, t = ds["images"].to(dev), ds["labels"].to(dev)
+    paper = {"resnet18": (41, 92), "resnet50": (45, 100), "vgg16": (28, 66)}
+    recs, points = [], []
+    for arch in ARCHS:
+        std = trained(cfg, dev, "transfer-standard" if arch == cfg.arch else "standard", x, y, train_settings(
+            cfg, arch=arch, **({"member": "transfer"} if arch == cfg.arch else {})))
+        transfer = 100 * (predict(std, xa, cfg.attack_batch) == t).float().mean().item()
+        model = trained(cfg, dev, "d_det-model", xa, t, train_settings(cfg, arch=arch, augment=False, data="d_det",
+                                                                       data_key=settings_key(ds["settings"])))
+        acc = 100 * accuracy(model, xte, yte, cfg.attack_batch)
+        p = paper.get(arch, (None, None))
+        recs += [record(cfg, "transfer", "D_det-trained test acc", acc, p[0], arch, source=cfg.arch),
+                 record(cfg, "transfer", "transfer rate of source's examples", transfer, p[1], arch, source=cfg.arch)]
+        points.append((arch, transfer, acc))
+    scatter(os.path.join(cfg.out, "transfer.png"), points, "transfer rate (%)", "test acc after training on D_det (%)")
+    return recs
+
+
 EXPERIMENTS = {
     "standard": exp_standard,
     "robust": exp_robust,
@@ -970,6 +1275,12 @@ EXPERIMENTS = {
     "d_det": lambda cfg, dev: exp_constructed(cfg, dev, "d_det"),
     "ilyas": exp_ilyas,
     "train-on": exp_train_on,
+    "mislabeled": exp_mislabeled,
+    "mnist-fashion": exp_mnist_fashion,
+    "bugs": exp_bugs,
+    "squares": exp_squares,
+    "leakage": exp_leakage,
+    "transfer": exp_transfer,
 }
 
 

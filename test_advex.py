@@ -490,3 +490,172 @@ def test_ilyas_quick_end_to_end(data_dir, tmp_path, capsys):
     run_cli("ilyas", out=out, data=data_dir)  # everything is reused on a second run
     printed = capsys.readouterr().out
     assert "trained in" not in printed and "built in" not in printed
+
+
+# ---------------------------------------------------------------------------- Wallace's response
+
+import toy2d  # noqa: E402  (beside advex, like the user runs it)
+
+TOY_SEEDS = [0, 1, 2, 4, 5]  # seed 3 has two opposite-labelled points 0.02 apart, which this MLP does not always split
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy2d.run(TOY_SEEDS)
+
+
+def test_toy_first_model_fits_and_attacks_flip_within_eps(toy):
+    assert (toy["fit"] == 32).all()
+    first = toy["first"]
+    assert ((toy["x_adv"] - toy["x"]).abs().amax(dim=1) <= 0.12 + 1e-6).all()
+    pred, adv = toy2d.predict(first, toy["x"]), toy2d.predict(first, toy["x_adv"])
+    assert torch.equal(toy["flipped"], adv != pred) and toy["flipped"].any()
+    # the second model's training set: flipped points only, each labelled with its wrong new prediction
+    assert (toy["adv_pred"][toy["flipped"]] != toy["y"][toy["flipped"]]).all()
+    assert torch.equal(toy["correct"], (toy2d.predict(toy["second"], toy["x"]) == toy["y"]).view(5, -1).sum(1))
+
+
+def test_toy_is_deterministic_and_vectorised_seeds_match_single_runs(toy):
+    again = toy2d.run(TOY_SEEDS)
+    assert torch.equal(again["correct"], toy["correct"]) and torch.equal(again["x_adv"], toy["x_adv"])
+    for i, s in enumerate(TOY_SEEDS[:3]):
+        one = toy2d.run([s])
+        assert one["correct"].item() == toy["correct"][i].item()
+        assert torch.allclose(one["x_adv"], toy["x_adv"][32 * i:32 * (i + 1)], atol=1e-5)
+
+
+def test_toy_cli_writes_figure_and_json(tmp_path, capsys):
+    s = toy2d.main(["--seeds", "4", "--seed", "9", "--out", str(tmp_path)])
+    from PIL import Image
+    im = Image.open(tmp_path / "toy2d.png")
+    assert im.format == "PNG" and im.size == (4 * 300 + 30, 310)
+    saved = json.load(open(tmp_path / "toy2d.json"))
+    assert saved["seeds"] == 5 and saved["figure_seed"] == 9 and len(saved["per_seed"]["correct"]) == 5
+    assert saved["min"] <= saved["median"] <= saved["max"] and s["paper"] == 23
+    assert capsys.readouterr().out.count("\n") == 1  # one summary line
+
+
+def test_keep_wrong_keeps_only_mislabelled_examples():
+    x, y = colour_images(100, torch.Generator().manual_seed(0))
+    model = tiny_net(0)  # untrained: right on some examples, wrong on most
+    xk, yk, keep = advex.keep_wrong(model, x, y)
+    pred = advex.predict(model, x)
+    assert 0 < keep.sum() < 100 and torch.equal(keep, pred != y)
+    assert (yk != y[keep]).all() and torch.equal(yk, pred[keep]) and torch.equal(xk, x[keep])
+
+
+def test_fashion_normalisation_variants():
+    xf = (torch.rand(50, 1, 28, 28) ** 3 * 255).byte()
+    own = advex.fashion_as_mnist(xf, "own")
+    assert abs(own.mean().item() - 0.1307) < 1e-4 and abs(own.std().item() - 0.3081) < 1e-4
+    assert torch.equal(advex.fashion_as_mnist(xf, "mnist"), xf.float() / 255)
+
+
+def test_mislabeled_and_mnist_fashion_quick(data_dir, tmp_path):
+    recs = run_cli("mislabeled", out=tmp_path, data=data_dir)
+    got = {r["metric"]: r for r in recs if r["experiment"] == "mislabeled"}
+    kept = got["kept (wrong) images"]["value"]
+    assert abs(got["teacher train acc"]["value"] - 100 * (1 - kept / 200)) < 1e-3
+    assert {"teacher test acc", "student test acc"} <= set(got)
+    recs = run_cli("mnist-fashion", out=tmp_path, data=data_dir)
+    got = {r["metric"]: r for r in recs if r["experiment"] == "mnist-fashion"}
+    assert {"teacher MNIST test acc", "student MNIST test acc (own stats)", "student MNIST test acc (mnist stats)"} <= set(got)
+    assert got["teacher MNIST test acc"]["arch"] == "mnist_cnn quick"
+    # the students' labels are the teacher's predictions on Fashion images, never Fashion's own labels
+    teacher = advex.make_model("mnist_cnn")
+    path = next(f for f in os.listdir(tmp_path / "artifacts") if f.startswith("mnist-teacher"))
+    advex.load_model(teacher, str(tmp_path / "artifacts" / path), "mnist_cnn")
+    xf = advex.load_mnist(data_dir, fashion=True, download=False)[0][:advex.QUICK["n_train"]]
+    for v in ("own", "mnist"):
+        hist = torch.bincount(advex.predict(teacher, advex.fashion_as_mnist(xf, v)), minlength=10).tolist()
+        assert got[f"student MNIST test acc ({v} stats)"]["settings"]["label_hist"] == hist
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(REAL_DATA, "FashionMNIST", "raw")), reason="no real data in ADVEX_DATA")
+def test_mnist_fashion_on_real_data_quick(tmp_path):
+    recs = run_cli("mnist-fashion", "--n-train", "2000", "--n-test", "1000", out=tmp_path, data=REAL_DATA)
+    acc = {r["metric"]: r["value"] for r in recs}
+    assert acc["teacher MNIST test acc"] > 80  # 2000 images, one epoch: far from 99%, far above chance
+
+
+# ---------------------------------------------------------------------------- Nakkiran, Goh, Fig. 3
+
+@pytest.fixture(scope="module")
+def ensemble():
+    """Two more tiny models trained like trained_tiny, from other seeds: an independent ensemble."""
+    x, y = colour_images(600, torch.Generator().manual_seed(5))
+    members = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = advex.make_model("fastnet", width=16)
+        advex.train(m, x, y, epochs=8, batch=25, lr=0.05)
+        members.append(m)
+    return members
+
+
+@pytest.mark.parametrize("norm,eps,step", [("l2", 2.5, 0.5), ("linf", 8 / 255, 2 / 255)])
+def test_nontransferable_loss_moves_target_keeps_ensemble(trained_tiny, ensemble, norm, eps, step):
+    target, x, y = trained_tiny
+    x, y = x[:100], y[:100]
+    t = (y + 1) % 10
+    loss = advex.nontransferable_loss(target, ensemble)
+    xa = advex.pgd(target, x, torch.stack([t, y], 1), eps, 10, norm, step, loss_fn=loss)
+    assert (norms(xa - advex.to_float(x), norm) <= eps * (1 + 1e-5)).all() and xa.min() >= 0 and xa.max() <= 1
+    # the ensemble's loss on y stays low while the target's loss on t falls
+    ce = lambda m, z, lab: F.cross_entropy(m(z), lab).item()
+    with torch.no_grad():
+        xf = advex.to_float(x)
+        assert ce(target, xa, t) < ce(target, xf, t) - 0.5
+        assert all(ce(m, xa, y) < ce(m, xf, y) + 0.5 for m in ensemble)
+    plain = advex.pgd(target, x, t, eps, 10, norm, step, targeted=True)
+    keep = lambda z: sum((advex.predict(m, z) == y).float().mean() for m in ensemble) / len(ensemble)
+    assert keep(xa) > 0.9 and keep(xa) >= keep(plain)  # the members keep y at least as well as under plain PGD
+
+
+def test_squares_distribution():
+    x, y = advex.squares_data(20000, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (20000, 3, 32, 32) and x.min() >= -1.1 and x.max() <= 1.1
+    sign = x.mean(dim=(1, 2, 3)).sign()
+    assert ((x - sign.view(-1, 1, 1, 1)).abs() <= 0.1 + 1e-6).all()  # one sign per image, noise within 0.1
+    assert (x - sign.view(-1, 1, 1, 1)).abs().max() > 0.09              # and the noise reaches its range
+    assert abs((sign > 0).float().mean() - 0.5) < 0.02
+    flipped = ((sign > 0).long() != y).float().mean()
+    assert abs(flipped - 0.1) < 0.01                                     # labels flipped with probability 0.1
+
+
+def test_linear_certified_accuracy_known_answer():
+    lin = advex.LinearNet(2, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0))
+    with torch.no_grad():
+        lin.head.weight.zero_()
+        lin.head.bias.zero_()
+        lin.head.weight[0, 0], lin.head.weight[1, 0] = 1.0, -1.0  # f0 - f1 = 2 (x_0 - 0.5); ||w0 - w1|| = 2
+    x = torch.zeros(4, 3, 32, 32)
+    x[:, 0, 0, 0] = torch.tensor([0.6, 0.8, 0.95, 0.3])
+    y = torch.tensor([0, 0, 0, 1])
+    # certified at radius r iff |x_0 - 0.5| > r: at 0.25 the 2nd and 3rd; at 0 all four (all correct)
+    assert advex.linear_certified_accuracy(lin, x, y, 0.25) == pytest.approx(0.5)
+    assert advex.linear_certified_accuracy(lin, x, y, 0.0) == pytest.approx(1.0)
+    lin.std.fill_(0.5)  # margins and their reach both double: the same answer
+    assert advex.linear_certified_accuracy(lin, x, y, 0.25) == pytest.approx(0.5)
+    # and PGD agrees (the box does not bind here): at r = 0.25 it flips exactly the uncertified examples
+    xa = advex.pgd(lin, x, y, 0.25, 20)
+    assert (advex.predict(lin, xa) == y).tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("experiment", ["bugs", "squares", "leakage", "transfer"])
+def test_response_experiments_quick(data_dir, tmp_path, experiment):
+    recs = run_cli(experiment, out=tmp_path, data=data_dir)
+    mine = [r for r in recs if r["experiment"].startswith(experiment)]
+    assert mine and all(r["value"] == r["value"] for r in mine)  # written, none NaN
+    metrics = {(r["experiment"], r["metric"]) for r in mine}
+    if experiment == "bugs":
+        assert {(f"bugs {n} {m}", "trained-on: test acc, shifted labels") for n in ("l2", "linf")
+                for m in ("pgd", "bugs")} <= metrics
+    if experiment == "squares":
+        assert ("squares", "linear: flipped by Linf 0.89") in metrics
+        assert next(r for r in mine if r["metric"] == "linear: flipped by Linf 0.89")["value"] == 0
+    if experiment == "leakage":
+        assert {("leakage", "linear on features, trained on d_rand"), ("leakage", "linear on features, trained on d_det")} <= metrics
+    if experiment == "transfer":
+        assert {r["arch"] for r in mine} == {a + " quick" for a in advex.ARCHS}
+        assert os.path.isfile(tmp_path / "transfer.png")
