@@ -1302,18 +1302,18 @@ def _bool(s):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="advex.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="advex.py", description=__doc__.split("\n\n")[0])
     p.error = lambda msg: (_ for _ in ()).throw(AdvexError(msg))  # one line, exit 2 (see main)
     p.add_argument("experiment", choices=list(EXPERIMENTS))
     helps = _field_help()
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
+        text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")  # argparse %-formats help
         if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=None, help=helps.get(f.name))
+            p.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=None, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=helps.get(f.name))
+            p.add_argument(flag, dest=f.name, type=typ, default=None, help=text)
     a = vars(p.parse_args(argv))
     experiment = a.pop("experiment")
     given = {k: v for k, v in a.items() if v is not None}

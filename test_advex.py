@@ -366,6 +366,16 @@ def test_corrupt_dataset_and_checkpoint_give_one_line(data_dir, tmp_path, capsys
     assert "cannot read" in err and "delete it" in err
 
 
+def test_help_lists_every_flag_with_its_unit(capsys):
+    with pytest.raises(SystemExit) as e:
+        advex.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert all("--" + f.name.replace("_", "-") in out for f in advex.dataclasses.fields(advex.Config))
+    flat = " ".join(out.split())  # argparse wraps long help lines
+    assert "L2 radius, pixel units (default: 0.5)" in flat and "over 20% of the steps" in flat
+
+
 def test_cli_subprocess_exit_code_without_traceback(tmp_path):
     """The real entry point: exit status 2, one line, no traceback."""
     p = subprocess.run([sys.executable, os.path.join(HERE, "advex.py"), "standard", "--data", str(tmp_path),
