@@ -1156,8 +1156,12 @@ def exp_squares(cfg, dev):
     x, y = (t.to(dev) for t in squares_data(cfg.squares_n, generator=g))
     xte, yte = (t.to(dev) for t in squares_data(max(cfg.squares_n // 10, 100), generator=g))
     lo, hi = -1.1, 1.1
-    flips = lambda m, eps: 100 * (predict(m, pgd(m, xte, predict(m, xte), eps, 10, "linf", lo=lo, hi=hi,
-                                                 batch=cfg.attack_batch)) != predict(m, xte)).float().mean().item()
+
+    def flips(m, eps):  # share of test points whose prediction Linf PGD changes (attacking the model's own label)
+        clean = predict(m, xte)
+        adv = pgd(m, xte, clean, eps, 10, "linf", lo=lo, hi=hi, batch=cfg.attack_batch)
+        return 100 * (predict(m, adv) != clean).float().mean().item()
+
     linear = LinearNet(2, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).to(dev)
     with torch.no_grad():  # logit_1 - logit_0 = 2 * mean pixel: each pixel keeps its sign under Linf < 0.9
         linear.head.weight.copy_(torch.stack([-torch.ones(x[0].numel()), torch.ones(x[0].numel())]).to(dev) / x[0].numel())
