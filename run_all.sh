@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Every advex experiment, one line per result. Results: runs/results.md (table beside the paper's
-# numbers), runs/results.json, PNG figures in runs/. Artifacts in runs/artifacts/ are reused, so an
-# interrupted run resumes where it stopped.
+# Every advex experiment, one line per result. Results: OUT/results.md (the table beside the paper's numbers,
+# the claims and their verdicts), OUT/results.json, PNG figures in OUT (default runs/). Artifacts in
+# OUT/artifacts/ are reused, so an interrupted run resumes where it stopped. It ends with where the time went.
 #   bash run_all.sh                    # full size (one GPU)
+#   SCALE=cpu bash run_all.sh          # laptop scale: every claim on a 2-core CPU in < 45 minutes
 #   QUICK=1 bash run_all.sh            # tiny sizes, CPU, seconds
-#   bash run_all.sh --data /path/to/data --seeds 0,1,2   # extra flags go to every line
+#   bash run_all.sh --data /path/to/data --seeds 0,1,2 --out DIR   # extra flags go to every line
+#   PYTHON=/path/to/python bash run_all.sh                          # default: python3
 set -euo pipefail
 cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
 args=("$@")
-if [ "${QUICK:-0}" = 1 ]; then args+=(--quick); fi
+if [ "${QUICK:-0}" = 1 ]; then args+=(--scale quick); elif [ -n "${SCALE:-}" ]; then args+=(--scale "$SCALE"); fi
+out=runs  # the --out the advex lines get, for toy2d.py
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --out) out="${args[i + 1]:-runs}" ;;
+    --out=*) out="${args[i]#--out=}" ;;
+  esac
+done
+start=$(date +%s)
 
-python advex.py standard "${args[@]}"       # standard CIFAR-10 model
-python advex.py robust "${args[@]}"         # L2 adversarially trained model (eps 0.5)
-python advex.py ilyas "${args[@]}"          # Sec. 3: D_R, D_NR, D_rand, D_det and four fresh models (reuses the two above)
-python toy2d.py --out runs                  # Wallace's 2D toy over 100 seeds, runs/toy2d.png
-python advex.py mislabeled --arch resnet18 "${args[@]}"   # Wallace: learning only from a ResNet-18's errors
-python advex.py mnist-fashion "${args[@]}"  # Wallace: an MNIST CNN's labels on Fashion-MNIST teach MNIST
-python advex.py bugs "${args[@]}"           # Nakkiran: non-transferable adversarial examples teach nothing
-python advex.py squares "${args[@]}"        # Nakkiran: adversarial squares
-python advex.py leakage "${args[@]}"        # Goh: robust feature leakage into D_rand, not D_det
-python advex.py transfer "${args[@]}"       # Ilyas Fig. 3: transfer rate vs learnability across architectures
+"$PY" advex.py standard "${args[@]}"       # standard CIFAR-10 model
+"$PY" advex.py robust "${args[@]}"         # L2 adversarially trained model (eps 0.5)
+"$PY" advex.py ilyas "${args[@]}"          # Sec. 3: D_R, D_NR, D_rand, D_det and four fresh models (reuses the two above)
+"$PY" toy2d.py --out "$out"                # Wallace's 2D toy over 100 seeds, OUT/toy2d.png
+"$PY" advex.py mislabeled --arch resnet18 "${args[@]}"   # Wallace: learning only from a ResNet-18's errors
+"$PY" advex.py mnist-fashion "${args[@]}"  # Wallace: an MNIST CNN's labels on Fashion-MNIST teach MNIST
+"$PY" advex.py bugs "${args[@]}"           # Nakkiran: non-transferable adversarial examples teach nothing
+"$PY" advex.py squares --arch resnet18 "${args[@]}"      # Nakkiran: adversarial squares (his ResNet-18)
+"$PY" advex.py leakage "${args[@]}"        # Goh: robust feature leakage into D_rand, not D_det
+"$PY" advex.py transfer "${args[@]}"       # Ilyas Fig. 3: transfer rate vs learnability across architectures
+"$PY" advex.py report --since "$start" "${args[@]}"      # where the time went; the claims and their verdicts

@@ -1,9 +1,10 @@
-"""advex tests: properties that catch real bugs, plus every experiment end to end at --quick size.
+"""advex tests: properties that catch real bugs, plus every experiment end to end at --scale quick.
 CPU only; the data files are written here in the real formats (CIFAR-10 pickles, MNIST IDX).
 Real-data tests run when ADVEX_DATA (default ./data) holds the datasets and skip otherwise."""
 import json
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -13,10 +14,15 @@ import torch
 import torch.nn.functional as F
 
 import advex
+import toy2d
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_DATA = os.environ.get("ADVEX_DATA", os.path.join(HERE, "data"))
 torch.set_num_threads(min(4, torch.get_num_threads()))
+BATCH = 40  # images per CIFAR batch file written here; the real files hold advex.CIFAR_BATCH = 10000
+advex.CIFAR_BATCH = BATCH
+# advex in a fresh process, reading this file's small CIFAR batches
+SUBPROCESS = [sys.executable, "-c", f"import sys, advex; advex.CIFAR_BATCH = {BATCH}; advex.main(sys.argv[1:])"]
 
 
 # ---------------------------------------------------------------------------- fixtures: tiny data
@@ -31,18 +37,23 @@ def colour_images(n, gen, size=32, channels=3):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
-def write_cifar(folder, n_per_batch=40, n_test=100, seed=0):
-    """The cifar-10-batches-py layout: five training pickles and test_batch, dicts with 'data' (N, 3072)
-    uint8 (rows in CHW order) and 'labels' (a list), as the official files read with encoding='latin1'."""
+def write_batch(path, x, y, **extra):
+    """One batch as the official files have it: a protocol-2 pickle of a dict with 'data' (N, 3072) uint8
+    (rows in CHW order) and 'labels' (a list)."""
+    with open(path, "wb") as f:
+        pickle.dump({"data": x.reshape(len(x), -1).numpy(), "labels": y.tolist(), **extra}, f, protocol=2)
+
+
+def write_cifar(folder, n_test=BATCH, seed=0):
+    """The cifar-10-batches-py layout: five training pickles and test_batch, BATCH images each."""
     d = os.path.join(folder, "cifar-10-batches-py")
     os.makedirs(d, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     written = {}
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        x, y = colour_images(n_test if name == "test_batch" else n_per_batch, gen)
-        y = y.roll(i)  # different label order per file
-        with open(os.path.join(d, name), "wb") as f:
-            pickle.dump({"data": x.reshape(len(x), -1).numpy(), "labels": y.tolist()}, f, protocol=2)
+    for i, name in enumerate(list(advex.CIFAR_FILES)):
+        x, y = colour_images(BATCH, gen)
+        x, y = x.roll(i, 0), y.roll(i, 0)  # a different label order per file
+        write_batch(os.path.join(d, name), x, y)
         written[name] = (x, y)
     return written
 
@@ -73,37 +84,47 @@ def data_dir(tmp_path_factory):
 
 
 def run_cli(*args, out, data):
-    """advex's CLI in-process; returns OUT/results.json's records."""
-    advex.main(list(args) + ["--quick", "--data", data, "--out", str(out), "--download", "false"])
+    """advex's CLI in-process at quick scale; returns OUT/results.json's records."""
+    advex.main(list(args) + ["--scale", "quick", "--data", data, "--out", str(out), "--download", "false"])
     with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
+        return json.load(f)["records"]
 
 
-def cli_error(capsys, *args):
-    """Run the CLI expecting a bad-input error: exit 2 and one line on stderr."""
+def cli_error(capsys, *args, main=advex.main, prog="advex"):
+    """Run a CLI expecting a bad-input error: exit 2 and one whole line on stderr."""
     with pytest.raises(SystemExit) as e:
-        advex.main(list(args))
+        main(list(args))
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("advex: error:"), err
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: error: ") and len(err) > 20, err
     return err
 
 
-def tiny_net(seed=0):
+def tiny_net(seed=0, width=8):
     torch.manual_seed(seed)
-    return advex.make_model("fastnet", width=8)
+    return advex.make_model("fastnet", width=width)
+
+
+def fit_tiny(seed, adv_eps=0.0, n=600, width=16):
+    x, y = colour_images(n, torch.Generator().manual_seed(5))
+    model = tiny_net(seed, width)
+    advex.train(model, x, y, epochs=6, batch=25, lr=0.05, adv_eps=adv_eps, adv_steps=3, adv_step=adv_eps / 2)
+    return model
 
 
 @pytest.fixture(scope="module")
 def trained_tiny():
     """A tiny fastnet trained to high accuracy on learnable colour images (seconds on a CPU)."""
-    x, y = colour_images(600, torch.Generator().manual_seed(5))
-    torch.manual_seed(0)
-    model = advex.make_model("fastnet", width=16)
-    advex.train(model, x, y, epochs=8, batch=25, lr=0.05)
+    model = fit_tiny(0)
     xt, yt = colour_images(200, torch.Generator().manual_seed(6))
     assert advex.accuracy(model, xt, yt) > 0.9
     return model, xt, yt
+
+
+@pytest.fixture(scope="module")
+def robust_tiny():
+    """The same, adversarially trained (L2 eps 1)."""
+    return fit_tiny(0, adv_eps=1.0, n=300)
 
 
 # ---------------------------------------------------------------------------- PGD
@@ -122,9 +143,9 @@ def test_pgd_stays_in_ball_and_box(norm, eps, targeted, random_start):
     x[:5] = x[:5].round()  # pixels at 0 and 1, where the clamp binds
     y = torch.randint(0, 10, (20,))
     # a large step, so unprojected steps would leave the ball; batch 7 exercises the chunking
-    xa = advex.pgd(model, x, y, eps, 5, norm=norm, step=3 * eps, targeted=targeted, random_start=random_start,
-                   batch=7)
-    assert xa.shape == x.shape and xa.dtype == torch.float32
+    xa, ok = advex.pgd(model, x, y, eps, 5, norm=norm, step=3 * eps, targeted=targeted, random_start=random_start,
+                       batch=7)
+    assert xa.shape == x.shape and xa.dtype == torch.float32 and ok.shape == (20,) and ok.dtype == torch.bool
     assert (norms(xa - x, norm) <= eps * (1 + 1e-5)).all()
     assert xa.min() >= 0 and xa.max() <= 1
     assert (norms(xa - x, norm) > 0.5 * eps).float().mean() > 0.5  # it did move
@@ -134,30 +155,52 @@ def test_pgd_box_other_than_unit():
     """The clamp follows lo/hi (the adversarial-squares images live in [-1.1, 1.1])."""
     model = advex.ToyMLP(1, 16)
     x = torch.rand(50, 2) * 2.2 - 1.1
-    xa = advex.pgd(model, x, torch.randint(0, 2, (50,)), 0.5, 5, norm="linf", lo=-1.1, hi=1.1)
+    xa, _ = advex.pgd(model, x, torch.randint(0, 2, (50,)), 0.5, 5, norm="linf", lo=-1.1, hi=1.1)
     assert xa.min() >= -1.1 and xa.max() <= 1.1 and (xa < 0).any()
 
 
-def test_pgd_raises_the_loss(trained_tiny):
+def test_pgd_keeps_the_highest_loss_iterate(trained_tiny):
+    """Oracle: every iterate the attack visits, scored independently; the returned one is the best of them."""
     model, x, y = trained_tiny
+    x, y = x[:50], y[:50]
+    seen = []
+    inner = advex.ce_objective(model)
+
+    def recorder(xa, yy, need_grad=True):
+        seen.append(xa.detach().clone())
+        return inner(xa, yy, need_grad)
+
+    xa, success = advex.pgd(model, x, y, 0.5, 6, objective=recorder)
     ce = lambda z: F.cross_entropy(model(z), y, reduction="none")
     with torch.no_grad():
-        clean = ce(advex.to_float(x))
-        adv = ce(advex.pgd(model, x, y, 0.5, 10))
-        best = ce(advex.pgd(model, x, y, 0.5, 10, best=True))
-    assert (adv > clean).float().mean() > 0.95 and adv.mean() > clean.mean() + 0.5
-    assert (best >= clean - 1e-4).all()  # the best iterate is never worse than the start
-    assert (best >= adv - 1e-4).all()    # nor than the last iterate
+        losses = torch.stack([ce(z) for z in seen])  # (7 iterates incl. the start, N)
+        preds = torch.stack([model(z).argmax(1) for z in seen])
+        assert torch.allclose(ce(xa), losses.max(0).values, atol=1e-5)
+        assert (ce(xa) > ce(advex.to_float(x))).float().mean() > 0.95  # and it did raise the loss
+    # success: *some* iterate is misclassified, not only the returned or the last one
+    assert torch.equal(success, (preds != y).any(0))
 
 
 def test_targeted_pgd_reaches_targets(trained_tiny):
     model, x, y = trained_tiny
+    x, y = x[:50], y[:50]
     t = (y + 1) % 10
-    xa = advex.pgd(model, x, t, 6.0, 40, step=0.3, targeted=True)
-    assert (advex.predict(model, xa) == t).float().mean() > 0.8
-    xu = advex.pgd(model, x, y, 6.0, 40, step=0.3)  # untargeted with the same budget: wrong, rarely t
+    xa, hit = advex.pgd(model, x, t, 6.0, 20, step=0.6, targeted=True)
+    assert (advex.predict(model, xa) == t).float().mean() > 0.8 and hit.float().mean() > 0.8
+    xu, _ = advex.pgd(model, x, y, 6.0, 20, step=0.6)  # untargeted with the same budget: wrong, rarely t
     pu = advex.predict(model, xu)
     assert (pu != y).float().mean() > 0.9 and (pu == t).float().mean() < 0.5
+
+
+def test_robust_accuracy_is_an_upper_bound_over_iterates_and_restarts(trained_tiny):
+    model, x, y = trained_tiny
+    x, y = x[:60], y[:60]
+    clean = advex.accuracy(model, x, y)
+    one = advex.robust_accuracy(model, x, y, 0.6, 4)
+    torch.manual_seed(0)
+    three = advex.robust_accuracy(model, x, y, 0.6, 4, restarts=3)
+    assert three <= one <= clean and one < clean  # more restarts can only lower it; the attack does something
+    assert advex.robust_accuracy(model, x, y, 0.0, 3) == clean  # eps 0: the clean image is the only iterate
 
 
 def test_pgd_restores_mode_and_leaves_batchnorm_stats_alone():
@@ -183,7 +226,15 @@ def test_pgd_l2_step_follows_normalised_gradient():
     model.eval()
     g, = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
     expected = x + 0.05 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    assert torch.allclose(advex.pgd(model, x, y, 10.0, 1, step=0.05), expected, atol=1e-6)
+    inner, calls = advex.ce_objective(model), []
+
+    def later_is_better(xa, yy, need_grad=True):  # the CE gradient, but a score that makes pgd keep the last iterate
+        loss, grad, hit = inner(xa, yy, need_grad)
+        calls.append(1)
+        return torch.full_like(loss, float(len(calls))), grad, hit
+
+    xa, _ = advex.pgd(model, x, y, 10.0, 1, step=0.05, objective=later_is_better)
+    assert torch.allclose(xa, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("kw", [dict(eps=-0.1, steps=3), dict(eps=0.5, steps=0), dict(eps=0.5, steps=3, norm="l1")])
@@ -197,19 +248,58 @@ def test_pgd_rejects_bad_settings(kw):
 def test_cifar_loader_reads_the_pickled_batches(data_dir, capsys):
     written = write_cifar(data_dir)  # same seed: the same files the fixture wrote
     xtr, ytr, xte, yte = advex.load_cifar10(data_dir, download=False)
-    assert xtr.shape == (200, 3, 32, 32) and xte.shape == (100, 3, 32, 32)
+    assert xtr.shape == (5 * BATCH, 3, 32, 32) and xte.shape == (BATCH, 3, 32, 32)
     assert xtr.dtype == torch.uint8 and ytr.dtype == torch.int64
-    assert torch.equal(xtr[:40], written["data_batch_1"][0]) and torch.equal(ytr[160:], written["data_batch_5"][1])
+    assert torch.equal(xtr[:BATCH], written["data_batch_1"][0]) and torch.equal(ytr[-BATCH:], written["data_batch_5"][1])
     assert torch.equal(xte, written["test_batch"][0]) and torch.equal(yte, written["test_batch"][1])
     assert "differs from the official md5" in capsys.readouterr().out  # used with a warning, not refused
+    advex.load_cifar10(data_dir, download=False, warn=False)
+    assert "md5" not in capsys.readouterr().out
 
 
-def test_mnist_loader_reads_idx(data_dir):
+class Payload:  # what a malicious batch file could hold: unpickling it would run os.system
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cifar_batches_are_checked_and_never_run_code(tmp_path, capsys):
+    x, y = colour_images(BATCH, torch.Generator().manual_seed(0))
+    bad = {"float pixels": (lambda p: write_batch(p, x.float(), y), "pixels are torch.float32, not uint8"),
+           "10 images": (lambda p: write_batch(p, x[:10], y[:10]), f"not ({BATCH}, 3072)"),
+           "labels out of range": (lambda p: write_batch(p, x, y + 5), "labels run from 5 to 14"),
+           "missing labels": (lambda p: write_batch(p, x, y[:-1]), "labels are torch.int64 (39,)"),
+           "not a pickle": (lambda p: open(p, "wb").write(b"not a pickle at all"), "not a batch dict"),
+           "code": (lambda p: pickle.dump({"data": Payload(tmp_path / "pwned"), "labels": []}, open(p, "wb")),
+                    "refuses to load posix.system")}
+    for i, (what, (write, message)) in enumerate(bad.items()):
+        folder = tmp_path / str(i)
+        write_cifar(folder)
+        write(folder / "cifar-10-batches-py" / "data_batch_3")
+        err = cli_error(capsys, "standard", "--scale", "quick", "--data", str(folder), "--out", str(tmp_path / "o"),
+                        "--download", "false")
+        assert "data_batch_3" in err and message in err, (what, err)
+    assert not (tmp_path / "pwned").exists()  # nothing was executed
+    assert not (tmp_path / "o" / "artifacts").exists()  # stopped before anything was made
+
+
+def test_mnist_loader_reads_idx_and_names_bad_files(data_dir, tmp_path):
     written = write_idx(data_dir, "MNIST")
     xtr, ytr, xte, yte = advex.load_mnist(data_dir, download=False)
     assert xtr.shape == (120, 1, 28, 28) and xte.shape == (60, 1, 28, 28) and xtr.dtype == torch.uint8
     assert torch.equal(xtr[:, 0], written["train"][0][:, 0]) and torch.equal(yte, written["t10k"][1])
     assert advex.load_mnist(data_dir, fashion=True, download=False)[0].shape == (120, 1, 28, 28)
+    write_idx(tmp_path, "MNIST")
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    data = images.read_bytes()
+    images.write_bytes(b"\x00\x00\x09\x03" + data[4:])  # a wrong magic number (an error with no message, once)
+    with pytest.raises(advex.AdvexError, match="not an IDX file"):
+        advex.load_mnist(str(tmp_path), download=False)
+    images.write_bytes(data[:1000])
+    with pytest.raises(advex.AdvexError, match="truncated"):
+        advex.load_mnist(str(tmp_path), download=False)
 
 
 def test_augmentation_is_a_shifted_and_maybe_flipped_crop():
@@ -221,6 +311,16 @@ def test_augmentation_is_a_shifted_and_maybe_flipped_crop():
         crops = [c for dy in range(9) for dx in range(9) for c in
                  (padded[i, :, dy:dy + 32, dx:dx + 32], padded[i, :, dy:dy + 32, dx:dx + 32].flip(-1))]
         assert any(torch.equal(out[i], c) for c in crops)
+
+
+def test_fingerprint_sees_every_byte_dtype_and_shape():
+    x = torch.arange(12, dtype=torch.uint8)
+    f = advex.fingerprint(x)
+    y = x.clone()
+    y[7] += 1
+    assert advex.fingerprint(x.clone()) == f and advex.fingerprint(y) != f
+    assert advex.fingerprint(x.view(3, 4)) != f and advex.fingerprint(x.long()) != f
+    assert advex.fingerprint(x, x) != advex.fingerprint(x)
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(REAL_DATA, "MNIST", "raw")), reason="no real MNIST in ADVEX_DATA")
@@ -246,16 +346,30 @@ def test_models_expose_features_and_head(arch):
 
 def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
     model, path = tiny_net(), str(tmp_path / "m.pt")
-    advex.save_model(model, path, "fastnet", {"epochs": 1})
+    advex.save_model(model, path, "fastnet", {"epochs": 1}, 1.0)
     other = advex.load_model(tiny_net(seed=1), path, "fastnet").eval()
     x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(model.eval()(x), other(x))
+    assert torch.equal(model.eval()(x), other(x)) and other.epochs_done == 1.0
     with pytest.raises(advex.AdvexError, match="holds a 'fastnet' model"):
         advex.load_model(advex.make_model("resnet18", 8), path, "resnet18")
-    with open(path, "r+b") as f:
-        f.truncate(100)
+    hand_made = {"missing keys": {"state_dict": model.state_dict()},
+                 "wrong types": {"state_dict": model.state_dict(), "arch": 3, "epochs_done": "1"},
+                 "not a dict": [1, 2]}
+    for what, obj in hand_made.items():
+        torch.save(obj, path)
+        with pytest.raises(advex.AdvexError, match="not what advex wrote"):
+            advex.load_model(tiny_net(), path, "fastnet")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "arch": "fastnet", "epochs_done": 1.0}, path)
+    with pytest.raises(advex.AdvexError, match="does not fit"):
+        advex.load_model(tiny_net(), path, "fastnet")
+    for content in (b"", b"garbage"):  # a zero-byte file's error has an empty message
+        open(path, "wb").write(content)
+        with pytest.raises(advex.AdvexError, match=r"cannot read .*m\.pt \(\w+"):
+            advex.load_model(tiny_net(), path, "fastnet")
+    torch.save(Payload(tmp_path / "pwned"), path)
     with pytest.raises(advex.AdvexError, match="cannot read"):
         advex.load_model(tiny_net(), path, "fastnet")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_training_stops_on_nan_and_names_the_step():
@@ -266,8 +380,11 @@ def test_training_stops_on_nan_and_names_the_step():
         advex.train(tiny_net(), x, y, epochs=2, batch=10, lr=0.1)
 
 
-def test_training_is_repeatable_on_cpu():
+def test_training_is_repeatable_and_uses_plain_cross_entropy(monkeypatch):
     x, y = colour_images(100, torch.Generator().manual_seed(0))
+    smoothing = []
+    ce = F.cross_entropy
+    monkeypatch.setattr(advex.F, "cross_entropy", lambda *a, **k: smoothing.append(k.get("label_smoothing", 0.0)) or ce(*a, **k))
     outs = []
     for _ in range(2):
         advex.seed_all(3, "t")
@@ -275,95 +392,164 @@ def test_training_is_repeatable_on_cpu():
         advex.train(m, x, y, epochs=1, batch=25, lr=0.1, augment=True)
         outs.append(m(advex.to_float(x[:4])))
     assert torch.equal(outs[0], outs[1])
+    assert smoothing and set(smoothing) == {0.0}  # the paper and MadryLab: no label smoothing
 
 
-def test_adversarial_training_improves_robustness(trained_tiny):
+def test_early_stop_is_a_snapshot_of_the_full_run():
+    """Nakkiran's '1 epoch' model = the memorising run after its first epoch (same schedule, stopped), and the
+    stop rule sees the epochs done, ten times an epoch."""
+    x, y = colour_images(100, torch.Generator().manual_seed(0))
+    for optimizer in ("sgd", "adam"):
+        seen, snap = [], {}
+
+        def watch(e, m):
+            seen.append(e)
+            if e == 1:
+                snap.update({k: v.clone() for k, v in m.state_dict().items()})
+            return False
+
+        torch.manual_seed(0)
+        full = tiny_net(0)
+        assert advex.train(full, x, y, 3, 10, 0.05, optimizer=optimizer, stop=lambda e: watch(e, full)) == 3
+        torch.manual_seed(0)
+        first = tiny_net(0)
+        assert advex.train(first, x, y, 3, 10, 0.05, optimizer=optimizer, stop=lambda e: e >= 1) == 1
+        assert all(torch.equal(v, snap[k]) for k, v in first.state_dict().items())
+        assert seen == [k / 10 for k in range(1, 31)]
+
+
+def test_adversarial_training_improves_robustness(trained_tiny, robust_tiny):
     """L2 adversarial training in the loop: the robust model survives PGD far better than the standard one."""
     std, xt, yt = trained_tiny
-    x, y = colour_images(600, torch.Generator().manual_seed(5))
-    torch.manual_seed(0)
-    rob = advex.make_model("fastnet", width=16)
-    advex.train(rob, x, y, epochs=8, batch=25, lr=0.05, adv_eps=1.0, adv_steps=3, adv_step=0.5)
+    xt, yt = xt[:100], yt[:100]
     r_std = advex.robust_accuracy(std, xt, yt, 1.0, 10)
-    r_rob = advex.robust_accuracy(rob, xt, yt, 1.0, 10)
+    r_rob = advex.robust_accuracy(robust_tiny, xt, yt, 1.0, 10)
     assert r_rob > r_std + 0.25, (r_std, r_rob)
 
 
-def test_evaluation_reports_attack_settings(trained_tiny):
+def test_evaluation_reports_attack_settings_and_is_computed_once(trained_tiny, tmp_path):
     model, x, y = trained_tiny
-    cfg = advex.Config(eval_eps="0,0.5", eval_steps=4, eval_restarts=2)
+    x, y = x[:50], y[:50]
+    model.settings, model.name = {"k": 1}, "tiny"
+    cfg = advex.Config(eval_eps="0,0.5", eval_steps=4, eval_restarts=2, out=str(tmp_path))
     res = {m: (v, s) for m, v, s in advex.evaluate(cfg, model, x, y)}
     assert res["robust acc L2 0"][0] == res["standard acc"][0]  # eps 0 cannot change a prediction
     assert res["robust acc L2 0.5"][0] <= res["standard acc"][0]
     assert res["robust acc L2 0.5"][1] == dict(norm="l2", eps=0.5, steps=4, step=0.3125, restarts=2)
+    assert res["robust acc L2 0.25, 7 steps of eps/5"][1] == dict(norm="l2", eps=0.25, steps=7, step=0.05, restarts=1)
+    advex.STAGES.clear()
+    again = advex.evaluate(cfg, model, x, y)
+    assert {m: v for m, v, _ in again} == {m: v for m, (v, _) in res.items()}
+    assert [s["loaded"] for s in advex.STAGES] == [True] and advex.STAGES[0]["work"] == 0
 
 
-# ---------------------------------------------------------------------------- CLI end to end and bad input
+def test_compile_falls_back_to_eager(monkeypatch, capsys):
+    model = tiny_net()
+    x = torch.rand(4, 3, 32, 32)
+    before = model.eval()(x)
+    assert advex.maybe_compile(model, x, True) is model and "forward" not in vars(model.body)  # CPU: never compiled
+
+    def broken(fn):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(advex.torch, "compile", broken)
+    fake_cuda = type("X", (), {"device": torch.device("cuda"), "__getitem__": lambda s, i: x[i]})()
+    advex.maybe_compile(model, fake_cuda, True)
+    assert "torch.compile failed (RuntimeError: no compiler here); running eagerly" in capsys.readouterr().out
+    assert "forward" not in vars(model.body) and torch.equal(model(x), before)
+
+
+# ---------------------------------------------------------------------------- CLI, results, bad input
 
 def test_cli_standard_and_robust_quick(data_dir, tmp_path, capsys):
-    recs = run_cli("standard", out=tmp_path, data=data_dir)
+    run_cli("standard", out=tmp_path, data=data_dir)
     recs = run_cli("robust", out=tmp_path, data=data_dir)
-    got = {(r["experiment"], r["metric"]) for r in recs}
+    got = {(r["experiment"], r["metric"]): r for r in recs}
     for exp in ("standard", "robust"):
-        assert {(exp, "standard acc"), (exp, "robust acc L2 0.25"), (exp, "robust acc L2 0.5")} <= got
-    r = next(r for r in recs if r["metric"] == "robust acc L2 0.25")
-    assert r["settings"]["steps"] == advex.QUICK["eval_steps"] and r["paper"] is not None
+        assert {(exp, "standard acc"), (exp, "robust acc L2 0.25"), (exp, "robust acc L2 0.25, 7 steps of eps/5")} <= set(got)
+    assert got[("robust", "robust acc L2 0.25")]["settings"]["steps"] == advex.SCALES["quick"]["eval_steps"]
+    assert got[("standard", "robust acc L2 0.25, 7 steps of eps/5")]["paper"] == 4.5
+    assert got[("standard", "robust acc L2 0.25")]["paper"] is None  # the paper's 4.5 is under its weaker attack
     table = open(tmp_path / "results.md").read()
-    assert "| robust | robust acc L2 0.25 | fastnet quick |" in table and "82.3" in table
-    ckpts = os.listdir(tmp_path / "artifacts")
-    assert len(ckpts) == 2 and not any(".tmp" in c for c in ckpts)
+    assert "| robust | robust acc L2 0.25 | fastnet |" in table and "82.3" in table
+    assert not any(".tmp" in c for c in os.listdir(tmp_path / "artifacts"))
+    res = json.load(open(tmp_path / "results.json"))
+    assert {s["stage"] for s in res["stages"]} >= {"standard (fastnet)", "robust (fastnet)", "eval robust (fastnet)"}
+    assert all(s["device"].startswith("cpu") and s["seconds"] >= 0 for s in res["stages"])
+    assert next(s for s in res["stages"] if s["stage"] == "robust (fastnet)")["work"] > 0
+    run = res["runs"][recs[0]["run"]]
+    assert run["scale"] == "quick" and run["n_train"] == 5 * BATCH  # the number of images actually used
     capsys.readouterr()
-    run_cli("standard", out=tmp_path, data=data_dir)  # a second run reuses the checkpoint
+    recs = run_cli("standard", out=tmp_path, data=data_dir)  # a second run reuses the checkpoint
     assert "[standard] loading" in capsys.readouterr().out
-    assert len(json.load(open(tmp_path / "results.json"))) == len(recs)  # and replaces its own records
+    assert len(recs) == len(json.load(open(tmp_path / "results.json"))["records"])  # and replaces its own records
+    recs = run_cli("standard", "--eval-steps", "2", out=tmp_path, data=data_dir)  # other settings: new rows
+    assert len(recs) == 9 and len({r["run"] for r in recs}) == 2
+    rows = [l for l in open(tmp_path / "results.md") if l.startswith("| standard | standard acc |")]
+    assert len(rows) == 2 and all("| 1 |" in l for l in rows)  # never averaged across settings
 
 
 def test_cli_seeds_give_mean_and_std(data_dir, tmp_path):
     recs = run_cli("standard", "--seeds", "0,1", out=tmp_path, data=data_dir)
     assert sorted({r["seed"] for r in recs}) == [0, 1]
-    assert "| standard | standard acc | fastnet quick |" in open(tmp_path / "results.md").read()
-    row = [l for l in open(tmp_path / "results.md") if "| standard | standard acc" in l][0]
+    row = [l for l in open(tmp_path / "results.md") if l.startswith("| standard | standard acc")][0]
     assert "±" in row and "| 2 |" in row
+    ckpts = sorted(f for f in os.listdir(tmp_path / "artifacts") if f.startswith("standard-"))
+    a, b = (torch.load(tmp_path / "artifacts" / f, weights_only=True)["state_dict"] for f in ckpts)
+    assert not torch.equal(a["body.0.0.weight"], b["body.0.0.weight"])  # another seed, other weights
 
 
-def test_bad_input_errors(data_dir, tmp_path, capsys):
+def test_changed_training_data_is_never_served_a_stale_checkpoint(data_dir, tmp_path, capsys):
+    swapped = tmp_path / "swapped"
+    write_cifar(swapped)
+    d = swapped / "cifar-10-batches-py"
+    os.replace(d / "data_batch_1", d / "tmp")
+    os.replace(d / "data_batch_2", d / "data_batch_1")
+    os.replace(d / "tmp", d / "data_batch_2")
+    run_cli("standard", out=tmp_path / "o", data=data_dir)
+    capsys.readouterr()
+    run_cli("standard", out=tmp_path / "o", data=str(swapped))
+    printed = capsys.readouterr().out
+    assert "[standard] trained" in printed and "loading" not in printed
+
+
+def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path, capsys):
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
-    q = ["--quick", "--out", str(tmp_path / "o"), "--download", "false"]
-    err = cli_error(capsys, "standard", "--data", empty, *q)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    q = ["--scale", "quick", "--out", str(tmp_path / "o"), "--download", "false", "--data", data_dir]
+    err = cli_error(capsys, "standard", *q, "--data", empty)
     assert "CIFAR-10 not found" in err and "cifar-10-batches-py" in err and "data_batch_1" in err
-    cli_error(capsys, "nosuch", "--data", data_dir, *q)
-    assert "unknown arch 'resnet7'" in cli_error(capsys, "standard", "--arch", "resnet7", "--data", data_dir, *q)
-    assert "unrecognized" in cli_error(capsys, "standard", "--no-such-flag", "1", "--data", data_dir, *q)
-    assert "eps" in cli_error(capsys, "standard", "--eval-eps", "-0.5", "--data", data_dir, *q)
-    assert "--adv-eps must be finite and >= 0" in cli_error(capsys, "robust", "--adv-eps", "-1", "--data", data_dir, *q)
-    assert "--eval-steps must be >= 1" in cli_error(capsys, "standard", "--eval-steps", "0", "--data", data_dir, *q)
-    assert "--seeds" in cli_error(capsys, "standard", "--seeds", "0,x", "--data", data_dir, *q)
+    cli_error(capsys, "nosuch", *q)
+    cases = {("--arch", "resnet7"): "unknown --arch 'resnet7'", ("--no-such-flag", "1"): "unrecognized",
+             ("--eval-eps", "-0.5"): "--eval-eps", ("--adv-eps", "-1"): "--adv-eps must be a finite number >= 0",
+             ("--eval-steps", "0"): "--eval-steps must be a finite number > 0", ("--seeds", "0,x"): "--seeds",
+             ("--lr", "nan"): "--lr must be", ("--lr", "-1"): "--lr must be", ("--attack-batch", "0"): "--attack-batch",
+             ("--width", "0"): "--width", ("--bugs-k", "0"): "--bugs-k", ("--mnist-batch", "0"): "--mnist-batch",
+             ("--n-train", "-5"): "--n-train must be a finite number >= 0", ("--n-test", "-5"): "--n-test",
+             ("--device", "meta"): "unknown --device 'meta'", ("--scale", "huge"): "unknown --scale",
+             ("--inv-method", "magic"): "unknown --inv-method", ("--transfer-archs", "vgg16,lenet"): "'lenet'",
+             ("--mis-teacher-acc", "150"): "percentage", ("--momentum", "1"): "below 1",
+             ("--out", str(a_file)): "is not a writable folder"}
+    for args, message in cases.items():
+        assert message in cli_error(capsys, "bugs", *q, *args), args
     if not torch.cuda.is_available():
-        assert "CUDA is not available" in cli_error(capsys, "standard", "--device", "cuda", "--data", data_dir, *q)
-    assert "NaN" in cli_error(capsys, "standard", "--lr", "nan", "--data", data_dir, *q)
-    assert not os.path.exists(tmp_path / "o" / "artifacts") or not os.listdir(tmp_path / "o" / "artifacts")
+        assert "CUDA is not available" in cli_error(capsys, "standard", *q, "--device", "cuda")
+    os.makedirs(tmp_path / "r")
+    (tmp_path / "r" / "results.json").write_text("{not json")
+    assert "not an advex results file" in cli_error(capsys, "standard", *q, "--out", str(tmp_path / "r"))
+    assert "needs --dataset" in cli_error(capsys, "train-on", *q)
+    assert not os.path.exists(tmp_path / "o" / "artifacts")  # nothing was trained or built
 
 
-def test_corrupt_dataset_and_checkpoint_give_one_line(data_dir, tmp_path, capsys):
-    bad = tmp_path / "bad"
-    write_cifar(bad)
-    with open(bad / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
-        f.write(b"not a pickle at all")
-    err = cli_error(capsys, "standard", "--quick", "--data", str(bad), "--out", str(tmp_path / "o"), "--download", "0")
-    assert "corrupt CIFAR-10 file" in err and "data_batch_3" in err
-    write_idx(bad, "MNIST")
-    with open(bad / "MNIST" / "raw" / "train-images-idx3-ubyte", "r+b") as f:
-        f.truncate(1000)
-    with pytest.raises(advex.AdvexError, match="MNIST not readable"):
-        advex.load_mnist(str(bad), download=False)
-    out = tmp_path / "o2"
+def test_corrupt_checkpoint_gives_one_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
     run_cli("standard", out=out, data=data_dir)
-    ckpt = os.path.join(out, "artifacts", os.listdir(out / "artifacts")[0])
-    with open(ckpt, "wb") as f:
-        f.write(b"garbage")
-    err = cli_error(capsys, "standard", "--quick", "--data", data_dir, "--out", str(out), "--download", "0")
-    assert "cannot read" in err and "delete it" in err
+    ckpt = next(out / "artifacts" / f for f in os.listdir(out / "artifacts") if f.startswith("standard-"))
+    ckpt.write_bytes(b"")
+    err = cli_error(capsys, "standard", "--scale", "quick", "--data", data_dir, "--out", str(out), "--download", "0")
+    assert "cannot read" in err and "standard-" in err
 
 
 def test_help_lists_every_flag_with_its_unit(capsys):
@@ -376,13 +562,92 @@ def test_help_lists_every_flag_with_its_unit(capsys):
     assert "L2 radius, pixel units (default: 0.5)" in flat and "over 20% of the steps" in flat
 
 
-def test_cli_subprocess_exit_code_without_traceback(tmp_path):
-    """The real entry point: exit status 2, one line, no traceback."""
-    p = subprocess.run([sys.executable, os.path.join(HERE, "advex.py"), "standard", "--data", str(tmp_path),
-                        "--download", "false", "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert p.returncode == 2
-    assert p.stderr.strip().startswith("advex: error: CIFAR-10 not found") and "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+def test_fresh_processes_give_the_same_numbers_and_an_interrupted_run_resumes(data_dir, tmp_path, capsys):
+    """The real entry point in two fresh processes (each starts from its own random torch seed): a run, and the
+    same run interrupted with Ctrl-C after its first checkpoint; both trained that checkpoint bit for bit alike.
+    The rerun of the interrupted one resumes from it and writes the first run's numbers (wall times aside)."""
+    args = ["d_rand", "--scale", "quick", "--data", data_dir, "--download", "0", "--out"]
+    first = subprocess.run(SUBPROCESS + args + [str(tmp_path / "a")], capture_output=True, text=True, cwd=HERE)
+    assert first.returncode == 0, first.stderr
+    p = subprocess.Popen(SUBPROCESS + args + [str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=HERE)
+    for line in p.stdout:
+        if "[standard] trained" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "advex: interrupted; rerun the same command to resume", err
+    ckpt = lambda out: next(out / "artifacts" / f for f in os.listdir(out / "artifacts") if f.startswith("standard-"))
+    a, b = (torch.load(ckpt(tmp_path / o), weights_only=True)["state_dict"] for o in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(f.startswith("d_rand-model") for f in os.listdir(tmp_path / "b" / "artifacts"))  # it did stop
+    capsys.readouterr()
+    run_cli(*args[:1], out=tmp_path / "b", data=data_dir)
+    assert "[standard] loading" in capsys.readouterr().out
+    values = lambda out: {(r["experiment"], r["metric"]): r["value"] for r in json.load(open(out / "results.json"))["records"]
+                          if "wall" not in r["metric"]}
+    assert values(tmp_path / "a") == values(tmp_path / "b") and len(values(tmp_path / "a")) == 5
+
+
+def test_run_all_passes_its_flags_and_out_to_every_line(tmp_path):
+    """run_all.sh with a stand-in for python that records each command line: every line, toy2d.py included,
+    gets --out D (nothing goes to runs/), QUICK=1 and SCALE pick the scale, and the report comes last."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), QUICK="1")
+    subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--out", str(tmp_path / "D"), "--seeds", "0,1"],
+                   env=env, check=True, cwd=tmp_path)
+    calls = log.read_text().splitlines()
+    experiments = [c.split()[1] for c in calls if c.startswith("advex.py")]
+    assert set(advex.EXPERIMENTS) - set(experiments) <= {"d_r", "d_nr", "d_rand", "d_det", "train-on"}
+    assert experiments[-1] == "report" and "--since" in calls[-1]
+    for c in calls:
+        assert f"--out {tmp_path / 'D'}" in c, c
+        if c.startswith("advex.py"):
+            assert "--scale quick" in c and "--seeds 0,1" in c, c
+    assert any(c.startswith("toy2d.py") for c in calls)
+    log.unlink()
+    subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--out=E"], env=dict(env, QUICK="0", SCALE="cpu"),
+                   check=True, cwd=tmp_path)
+    calls = log.read_text().splitlines()
+    assert all("--scale cpu" in c for c in calls if c.startswith("advex.py")) and "toy2d.py --out E" in calls
+
+
+def test_scales_are_well_formed(tmp_path):
+    """Every preset key is a Config field of the same type, and the preset passes the checks; a smaller scale
+    runs every stage of the full run (no experiment switched off), at no larger size."""
+    full = advex.Config(out=str(tmp_path))
+    sizes = {"width", "bugs_k", "squares_n", "eval_steps", "adv_steps", "inv_steps", "rel_steps"}  # epochs and rates may grow
+    for scale, preset in advex.SCALES.items():
+        assert set(preset) <= {f.name for f in advex.dataclasses.fields(advex.Config)}, scale
+        cfg = advex.dataclasses.replace(full, scale=scale, **preset)
+        advex.check_config(cfg, preset)
+        for k, v in preset.items():
+            assert type(v) is type(getattr(full, k)), (scale, k)
+            assert k not in sizes or v <= getattr(full, k), (scale, k)
+        archs = cfg.transfer_archs.split(",")
+        assert cfg.transfer_source in archs and len(archs) >= 3 and cfg.bugs_k >= 2 and cfg.eval_eps == full.eval_eps
+
+
+def test_claims_table_verdicts():
+    mk = lambda e, m, v, arch="fastnet", run="r1": dict(experiment=e, metric=m, value=v, paper=None, seed=0, arch=arch,
+                                                         run=run, settings={})
+    recs = [mk("d_r", advex.RA, 45.0), mk("d_nr", advex.RA, 1.0), mk("d_r", "standard acc", 80.0),
+            mk("d_nr", "standard acc", 65.0), mk("d_rand", "standard acc", 30.0), mk("d_det", "standard acc", 20.0),
+            mk("d_rand", "standard acc", 5.0, run="old")]  # an older run of d_rand: the latest one counts
+    recs = recs[-1:] + recs[:-1]
+    recs += [mk("transfer", m, v, arch=a) for a, tr, acc in (("vgg16", 60, 25), ("resnet18", 90, 40), ("fastnet", 100, 45))
+             for m, v in (("transfer rate", tr), ("D_det-trained test acc", acc))]
+    verdicts = {c: (ours, v) for c, _, ours, v in advex.check_claims(recs)}
+    assert verdicts["Ilyas 3.1: robust features alone give robustness; non-robust ones none"] == ("1, 45", "HOLDS")
+    assert verdicts["Ilyas 3.1: D_R and D_NR both generalise to the real test set"][1] == "FAILS"
+    assert verdicts["Ilyas 3.2: non-robust features alone generalise"] == ("30, 20", "HOLDS")
+    assert verdicts["Ilyas Fig. 3: models learn more from D_det where its examples transfer"] == ("1", "HOLDS")
+    assert verdicts["Wallace: a model learns from a teacher's errors alone"] == ("", "NOT RUN")
+    assert advex.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert len(verdicts) == len(advex.CLAIMS)
 
 
 # ---------------------------------------------------------------------------- Ilyas et al. Sec. 3
@@ -392,7 +657,7 @@ def test_inversion_lowers_every_representation_distance(trained_tiny):
     x, x0 = x[:40], x[1:41]  # each start image from another class (labels cycle 0..9)
     g = advex.features(model, x)
     before = (advex.features(model, x0) - g).norm(dim=1)
-    z, rel = advex.invert(model, x, x0, steps=30, step=0.1, batch=16)
+    z, rel = advex.invert(model, x, x0, steps=30, step=0.5, batch=16)
     after = (advex.features(model, z) - g).norm(dim=1)
     assert (after < before).all() and (after.mean() < 0.5 * before.mean())
     assert torch.allclose(rel, after / g.norm(dim=1), atol=1e-5)
@@ -400,10 +665,27 @@ def test_inversion_lowers_every_representation_distance(trained_tiny):
     assert ((z - advex.to_float(x0)).flatten(1).norm(dim=1) > 0.5).all()  # no eps-ball: z travels far
 
 
-def test_inversion_from_the_target_itself_stays_put(trained_tiny):
+def test_fast_inversion_beats_the_papers_1000_steps_in_100(trained_tiny, robust_tiny):
+    """The default procedure (momentum, annealed step; 100 steps from 2.0) reaches a lower relative distance
+    than the paper's 1000 plain steps of 0.1, from the same start images, on a standard and a robust source
+    (median and mean; README, "Inversion in 100 steps", compares median and p95 on 200 real CIFAR-10 images)."""
+    _, x, _ = trained_tiny
+    x, x0 = x[:8], x[3:11]
+    for model in (trained_tiny[0], robust_tiny):
+        _, paper = advex.invert(model, x, x0, steps=1000, step=0.1, method="paper")
+        _, fast = advex.invert(model, x, x0, steps=advex.Config.inv_steps, step=advex.Config.inv_step)
+        assert fast.median() <= paper.median() and fast.mean() <= paper.mean(), (fast, paper)
+
+
+def test_inversion_from_the_target_itself_stays_put_and_runs_in_fp32(trained_tiny, monkeypatch):
     model, x, _ = trained_tiny
+    calls = []
+    monkeypatch.setattr(advex, "autocast", lambda device, enabled=True: calls.append(enabled) or torch.autocast("cpu", enabled=False))
     z, rel = advex.invert(model, x[:8], x[:8], steps=10, step=0.1)
     assert torch.equal(z, advex.to_float(x[:8])) and (rel == 0).all()
+    assert calls and not any(calls)  # never under bf16 autocast (a plain attack does ask for it)
+    advex.pgd(model, x[:2], torch.zeros(2, dtype=torch.long), 0.5, 1)
+    assert calls[-1] is True
 
 
 def test_start_images_are_other_images():
@@ -434,10 +716,9 @@ def test_constructed_dataset_round_trip(tmp_path):
     assert d["settings"] == {"eps": 0.5, "steps": 3} and d["fooled"].all()
     with pytest.raises(advex.AdvexError):
         advex.save_dataset(path, x, y[:5], {})
-
-
-class Foreign:  # an arbitrary pickled object, which weights_only loading must refuse
-    pass
+    torch.save({"images": x, "labels": y[:5], "settings": "{}"}, path)
+    with pytest.raises(advex.AdvexError, match="not what advex wrote"):
+        advex.load_dataset(path)
 
 
 def write_released(folder, ims, lab):
@@ -460,9 +741,10 @@ def test_released_dataset_loader(tmp_path):
             advex.load_released(write_released(tmp_path / name, i, l))
     with pytest.raises(advex.AdvexError, match="not found"):
         advex.load_released(str(tmp_path / "nowhere"))
-    torch.save(Foreign(), str(tmp_path / "a" / "CIFAR_lab"))
+    torch.save(Payload(tmp_path / "pwned"), str(tmp_path / "a" / "CIFAR_lab"))
     with pytest.raises(advex.AdvexError, match="cannot read"):
         advex.load_released(str(tmp_path / "a"))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_train_on_released_dataset_cli(data_dir, tmp_path):
@@ -476,65 +758,81 @@ def test_ilyas_quick_end_to_end(data_dir, tmp_path, capsys):
     recs = run_cli("ilyas", out=out, data=data_dir)
     got = {(r["experiment"], r["metric"]): r for r in recs}
     for name in ("standard", "robust", "d_r", "d_nr", "d_rand", "d_det"):
-        assert (name, "standard acc") in got and (name, "robust acc L2 0.25") in got
+        assert (name, "standard acc") in got and (name, advex.RA) in got
         assert got[(name, "standard acc")]["paper"] == advex.PAPER[(name, "standard acc")]
     for name in ("d_rand", "d_det"):
-        assert 0 <= got[(name, "fooling rate")]["value"] <= 100
+        assert 0 <= got[(name, "fooling rate (t != y)")]["value"] <= 100
+    assert got[("d_det", "share with t = y")]["value"] == 0 and got[("d_rand", "share with t = y")]["value"] > 0
     for name in ("d_r", "d_nr"):
-        assert got[(name, "inversion rel. dist mean")]["value"] > 0
-    assert got[("d_rand", "standard acc")]["settings"]["lr"] == advex.Config.rel_lr
+        assert got[(name, "inversion rel. dist median")]["value"] > 0
+        assert got[(name, "source acc on images vs start's label")]["paper"] == 10
+    s = advex.SCALES["quick"]
+    assert got[("d_rand", "standard acc")]["settings"] == dict(lr=advex.Config.rel_lr, augment=True, epochs=s["con_epochs"])
     assert got[("d_det", "standard acc")]["settings"]["augment"] is False
-    table = open(out / "results.md").read()
-    assert all(f"| {n} | standard acc |" in table for n in ("d_r", "d_nr", "d_rand", "d_det"))
+    assert "| d_nr | standard acc |" in open(out / "results.md").read()
     from PIL import Image
     for name in ("d_r", "d_nr", "d_rand", "d_det"):
-        im = Image.open(out / f"{name}.png")
-        assert im.format == "PNG" and im.height > 3 * 32 * 2 if name in ("d_r", "d_nr") else im.height > 64
-    # the constructed datasets: D_det labels are exactly the shifted true labels; fp16 images in [0,1]
-    det = next(advex.load_dataset(out / "artifacts" / f) for f in os.listdir(out / "artifacts") if f.startswith("d_det-f"))
-    xtr, ytr, _, _ = advex.load_cifar10(data_dir, download=False)
+        assert Image.open(out / f"{name}.png").height > (3 if name in ("d_r", "d_nr") else 2) * 32 * 3
+    # the constructed datasets: D_det labels are exactly the shifted true labels; fp16 images in the eps-ball
+    files = os.listdir(out / "artifacts")
+    det = advex.load_dataset(out / "artifacts" / next(f for f in files if f.startswith("d_det-s")))
+    rand = advex.load_dataset(out / "artifacts" / next(f for f in files if f.startswith("d_rand-s")))
+    xtr, ytr, _, _ = advex.load_cifar10(data_dir, download=False, warn=False)
     assert torch.equal(det["labels"], (ytr + 1) % 10) and torch.equal(det["true"], ytr)
     assert det["images"].dtype == torch.float16 and det["images"].min() >= 0 and det["images"].max() <= 1
     assert ((det["images"].float() - xtr / 255).flatten(1).norm(dim=1) <= advex.Config.rel_eps + 1e-2).all()
+    assert det["settings"]["rule"] == "det" and rand["settings"]["rule"] == "rand"  # the rule is in the key
+    assert det["settings"]["source"] == rand["settings"]["source"] and det["settings"]["source"]["data"]
+    nr = advex.load_dataset(out / "artifacts" / next(f for f in files if f.startswith("d_nr-s")))
+    start_acc = 100 * (nr["src_pred"] == ytr[nr["start"]]).float().mean().item()
+    assert got[("d_nr", "source acc on images vs start's label")]["value"] == pytest.approx(start_acc, abs=1e-3)
     capsys.readouterr()
+    before = len(json.load(open(out / "results.json"))["stages"])
     run_cli("ilyas", out=out, data=data_dir)  # everything is reused on a second run
     printed = capsys.readouterr().out
     assert "trained in" not in printed and "built in" not in printed
+    stages = json.load(open(out / "results.json"))["stages"][before:]
+    assert stages and all(s["loaded"] for s in stages)
 
 
 # ---------------------------------------------------------------------------- Wallace's response
-
-import toy2d  # noqa: E402  (beside advex, like the user runs it)
 
 TOY_SEEDS = [0, 1, 2, 4, 5]  # seed 3 has two opposite-labelled points 0.02 apart, which this MLP does not always split
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return toy2d.run(TOY_SEEDS)
+    return toy2d.run(TOY_SEEDS, fit_steps=1000)
 
 
-def test_toy_first_model_fits_and_attacks_flip_within_eps(toy):
+def test_toy_first_model_fits_and_only_its_correct_points_flip(toy):
     assert (toy["fit"] == 32).all()
     first = toy["first"]
     assert ((toy["x_adv"] - toy["x"]).abs().amax(dim=1) <= 0.12 + 1e-6).all()
     pred, adv = toy2d.predict(first, toy["x"]), toy2d.predict(first, toy["x_adv"])
-    assert torch.equal(toy["flipped"], adv != pred) and toy["flipped"].any()
+    assert torch.equal(toy["flipped"], (adv != pred) & (pred == toy["y"])) and toy["flipped"].any()
     # the second model's training set: flipped points only, each labelled with its wrong new prediction
     assert (toy["adv_pred"][toy["flipped"]] != toy["y"][toy["flipped"]]).all()
     assert torch.equal(toy["correct"], (toy2d.predict(toy["second"], toy["x"]) == toy["y"]).view(5, -1).sum(1))
 
 
-def test_toy_is_deterministic_and_vectorised_seeds_match_single_runs(toy):
-    again = toy2d.run(TOY_SEEDS)
-    assert torch.equal(again["correct"], toy["correct"]) and torch.equal(again["x_adv"], toy["x_adv"])
-    for i, s in enumerate(TOY_SEEDS[:3]):
-        one = toy2d.run([s])
-        assert one["correct"].item() == toy["correct"][i].item()
-        assert torch.allclose(one["x_adv"], toy["x_adv"][32 * i:32 * (i + 1)], atol=1e-5)
+def test_toy_flips_of_misfitted_points_are_not_kept():
+    r = toy2d.run([3], fit_steps=30)  # a short fit leaves some points wrong
+    wrong = r["first"](r["x"]).argmax(1) != r["y"]
+    assert wrong.any() and not (r["flipped"] & wrong).any()
 
 
-def test_toy_cli_writes_figure_and_json(tmp_path, capsys):
+def test_toy_seeds_are_independent_of_how_many_run_together():
+    """256 seeds at once (more rows than one PGD chunk) equal four runs of 64: a seed's points never pass through
+    another seed's network."""
+    all_at_once = toy2d.run(list(range(256)), fit_steps=20)  # 256 * 32 rows
+    parts = [toy2d.run(list(range(64 * k, 64 * (k + 1))), fit_steps=20) for k in range(4)]
+    assert torch.equal(all_at_once["correct"], torch.cat([p["correct"] for p in parts]))
+    assert torch.allclose(all_at_once["x_adv"], torch.cat([p["x_adv"] for p in parts]), atol=1e-5)
+
+
+def test_toy_cli_writes_figure_json_and_records(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(toy2d, "FIT_STEPS", 300)  # shorter fits: this checks the files, not the numbers
     s = toy2d.main(["--seeds", "4", "--seed", "9", "--out", str(tmp_path)])
     from PIL import Image
     im = Image.open(tmp_path / "toy2d.png")
@@ -543,6 +841,11 @@ def test_toy_cli_writes_figure_and_json(tmp_path, capsys):
     assert saved["seeds"] == 5 and saved["figure_seed"] == 9 and len(saved["per_seed"]["correct"]) == 5
     assert saved["min"] <= saved["median"] <= saved["max"] and s["paper"] == 23
     assert capsys.readouterr().out.count("\n") == 1  # one summary line
+    rec = next(r for r in json.load(open(tmp_path / "results.json"))["records"] if r["experiment"] == "toy2d")
+    assert rec["value"] == saved["median"] and rec["paper"] == 23
+    (tmp_path / "f").write_text("x")
+    assert "--out" in cli_error(capsys, "--out", str(tmp_path / "f"), main=toy2d.main, prog="toy2d")
+    assert "--seeds" in cli_error(capsys, "--seeds", "0", main=toy2d.main, prog="toy2d")
 
 
 def test_keep_wrong_keeps_only_mislabelled_examples():
@@ -561,21 +864,24 @@ def test_fashion_normalisation_variants():
     assert torch.equal(advex.fashion_as_mnist(xf, "mnist"), xf.float() / 255)
 
 
-def test_mislabeled_and_mnist_fashion_quick(data_dir, tmp_path):
-    recs = run_cli("mislabeled", out=tmp_path, data=data_dir)
-    got = {r["metric"]: r for r in recs if r["experiment"] == "mislabeled"}
-    kept = got["kept (wrong) images"]["value"]
-    assert abs(got["teacher train acc"]["value"] - 100 * (1 - kept / 200)) < 1e-3
-    assert {"teacher test acc", "student test acc"} <= set(got)
+def test_mislabeled_teacher_stops_at_its_training_accuracy(data_dir, tmp_path):
+    recs = run_cli("mislabeled", "--mis-teacher-acc", "30", "--mis-teacher-epochs", "20", "--mis-epochs", "1",
+                   out=tmp_path, data=data_dir)
+    got = {r["metric"]: r["value"] for r in recs if r["experiment"] == "mislabeled"}
+    assert got["teacher epochs trained"] < 20  # stopped early, on training images (colour images are easy)
+    assert abs(got["teacher train acc"] - 100 * (1 - got["kept (wrong) images"] / (5 * BATCH))) < 1e-3
+    assert "student test acc" in got and "teacher test acc" in got
+
+
+def test_mnist_fashion_quick(data_dir, tmp_path):
     recs = run_cli("mnist-fashion", out=tmp_path, data=data_dir)
     got = {r["metric"]: r for r in recs if r["experiment"] == "mnist-fashion"}
-    assert {"teacher MNIST test acc", "student MNIST test acc (own stats)", "student MNIST test acc (mnist stats)"} <= set(got)
-    assert got["teacher MNIST test acc"]["arch"] == "mnist_cnn quick"
+    assert got["teacher MNIST test acc"]["arch"] == "mnist_cnn"
     # the students' labels are the teacher's predictions on Fashion images, never Fashion's own labels
     teacher = advex.make_model("mnist_cnn")
     path = next(f for f in os.listdir(tmp_path / "artifacts") if f.startswith("mnist-teacher"))
     advex.load_model(teacher, str(tmp_path / "artifacts" / path), "mnist_cnn")
-    xf = advex.load_mnist(data_dir, fashion=True, download=False)[0][:advex.QUICK["n_train"]]
+    xf = advex.load_mnist(data_dir, fashion=True, download=False)[0]
     for v in ("own", "mnist"):
         hist = torch.bincount(advex.predict(teacher, advex.fashion_as_mnist(xf, v)), minlength=10).tolist()
         assert got[f"student MNIST test acc ({v} stats)"]["settings"]["label_hist"] == hist
@@ -590,50 +896,59 @@ def test_mnist_fashion_on_real_data_quick(tmp_path):
 
 # ---------------------------------------------------------------------------- Nakkiran, Goh, Fig. 3
 
+def test_nontransferable_objective_gradient_is_the_joint_one(trained_tiny):
+    """Oracle: autograd through the whole loss at once. Member by member gives the same gradient, one graph at a time."""
+    target, x, y = trained_tiny
+    members = [tiny_net(1), tiny_net(2)]
+    x, y = advex.to_float(x[:6]), y[:6]
+    t = (y + 1) % 10
+    loss, grad, hit = advex.nontransferable_objective(target, members)(x, torch.stack([t, y], 1))
+    xr = x.clone().requires_grad_(True)
+    ce = lambda m, lab: F.cross_entropy(m(xr), lab, reduction="none")
+    joint = -ce(target, t) - sum(ce(m, y) for m in members) / 2
+    g, = torch.autograd.grad(joint.sum(), xr)
+    assert torch.allclose(loss, joint.detach(), atol=1e-5) and torch.allclose(grad, g, atol=1e-6)
+    assert torch.equal(hit, target(x).argmax(1) == t)
+
+
 @pytest.fixture(scope="module")
 def ensemble():
     """Two more tiny models trained like trained_tiny, from other seeds: an independent ensemble."""
-    x, y = colour_images(600, torch.Generator().manual_seed(5))
-    members = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        m = advex.make_model("fastnet", width=16)
-        advex.train(m, x, y, epochs=8, batch=25, lr=0.05)
-        members.append(m)
-    return members
+    return [fit_tiny(1), fit_tiny(2)]
 
 
 @pytest.mark.parametrize("norm,eps,step", [("l2", 2.5, 0.5), ("linf", 8 / 255, 2 / 255)])
-def test_nontransferable_loss_moves_target_keeps_ensemble(trained_tiny, ensemble, norm, eps, step):
+def test_nontransferable_attack_moves_target_keeps_ensemble(trained_tiny, ensemble, norm, eps, step):
     target, x, y = trained_tiny
-    x, y = x[:100], y[:100]
+    members = ensemble
+    x, y = x[:50], y[:50]
     t = (y + 1) % 10
-    loss = advex.nontransferable_loss(target, ensemble)
-    xa = advex.pgd(target, x, torch.stack([t, y], 1), eps, 10, norm, step, loss_fn=loss)
+    xa, _ = advex.pgd(target, x, torch.stack([t, y], 1), eps, 10, norm, step,
+                      objective=advex.nontransferable_objective(target, members))
     assert (norms(xa - advex.to_float(x), norm) <= eps * (1 + 1e-5)).all() and xa.min() >= 0 and xa.max() <= 1
-    # the ensemble's loss on y stays low while the target's loss on t falls
     ce = lambda m, z, lab: F.cross_entropy(m(z), lab).item()
     with torch.no_grad():
         xf = advex.to_float(x)
         assert ce(target, xa, t) < ce(target, xf, t) - 0.5
-        assert all(ce(m, xa, y) < ce(m, xf, y) + 0.5 for m in ensemble)
-    plain = advex.pgd(target, x, t, eps, 10, norm, step, targeted=True)
-    keep = lambda z: sum((advex.predict(m, z) == y).float().mean() for m in ensemble) / len(ensemble)
-    assert keep(xa) > 0.9 and keep(xa) >= keep(plain)  # the members keep y at least as well as under plain PGD
+        assert all(ce(m, xa, y) < ce(m, xf, y) + 0.5 for m in members)
+    plain, _ = advex.pgd(target, x, t, eps, 10, norm, step, targeted=True)
+    keep = lambda z: sum((advex.predict(m, z) == y).float().mean() for m in members) / len(members)
+    # the members keep y about as well as on clean images, and at least as well as under plain PGD
+    assert keep(xa) >= keep(advex.to_float(x)) - 0.05 and keep(xa) >= keep(plain)
 
 
 def test_squares_distribution():
-    x, y = advex.squares_data(20000, generator=torch.Generator().manual_seed(0))
-    assert x.shape == (20000, 3, 32, 32) and x.min() >= -1.1 and x.max() <= 1.1
+    x, y = advex.squares_data(8000, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (8000, 3, 32, 32) and x.min() >= -1.1 and x.max() <= 1.1
     sign = x.mean(dim=(1, 2, 3)).sign()
     assert ((x - sign.view(-1, 1, 1, 1)).abs() <= 0.1 + 1e-6).all()  # one sign per image, noise within 0.1
     assert (x - sign.view(-1, 1, 1, 1)).abs().max() > 0.09              # and the noise reaches its range
-    assert abs((sign > 0).float().mean() - 0.5) < 0.02
+    assert abs((sign > 0).float().mean() - 0.5) < 0.03
     flipped = ((sign > 0).long() != y).float().mean()
-    assert abs(flipped - 0.1) < 0.01                                     # labels flipped with probability 0.1
+    assert abs(flipped - 0.1) < 0.015                                    # labels flipped with probability 0.1
 
 
-def test_linear_certified_accuracy_known_answer():
+def test_linear_certificates_known_answer():
     lin = advex.LinearNet(2, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0))
     with torch.no_grad():
         lin.head.weight.zero_()
@@ -643,29 +958,52 @@ def test_linear_certified_accuracy_known_answer():
     x[:, 0, 0, 0] = torch.tensor([0.6, 0.8, 0.95, 0.3])
     y = torch.tensor([0, 0, 0, 1])
     # certified at radius r iff |x_0 - 0.5| > r: at 0.25 the 2nd and 3rd; at 0 all four (all correct)
-    assert advex.linear_certified_accuracy(lin, x, y, 0.25) == pytest.approx(0.5)
-    assert advex.linear_certified_accuracy(lin, x, y, 0.0) == pytest.approx(1.0)
+    assert advex.linear_certified(lin, x, y, 0.25).tolist() == [False, True, True, False]
+    assert advex.linear_certified(lin, x, y, 0.0).all()
     lin.std.fill_(0.5)  # margins and their reach both double: the same answer
-    assert advex.linear_certified_accuracy(lin, x, y, 0.25) == pytest.approx(0.5)
+    assert advex.linear_certified(lin, x, y, 0.25).tolist() == [False, True, True, False]
+    # stability (Spec 2) certifies the model's own prediction: the 4th is predicted 1 = its label here too,
+    # so flip its label: wrong, hence not certified robust, yet its prediction is just as stable
+    y[3] = 0
+    pred = lin(x).argmax(1)
+    assert not advex.linear_certified(lin, x, y, 0.0)[3] and advex.linear_certified(lin, x, pred, 0.0)[3]
     # and PGD agrees (the box does not bind here): at r = 0.25 it flips exactly the uncertified examples
-    xa = advex.pgd(lin, x, y, 0.25, 20)
-    assert (advex.predict(lin, xa) == y).tolist() == [False, True, True, False]
+    y[3] = 1
+    xa, fooled = advex.pgd(lin, x, y, 0.25, 20)
+    assert (~fooled).tolist() == [False, True, True, False]
 
 
-@pytest.mark.parametrize("experiment", ["bugs", "squares", "leakage", "transfer"])
+@pytest.mark.parametrize("experiment", ["bugs", "squares", "leakage"])
 def test_response_experiments_quick(data_dir, tmp_path, experiment):
-    recs = run_cli(experiment, out=tmp_path, data=data_dir)
+    recs = run_cli(experiment, "--n-train", "100", "--n-test", "40", out=tmp_path, data=data_dir)
     mine = [r for r in recs if r["experiment"].startswith(experiment)]
     assert mine and all(r["value"] == r["value"] for r in mine)  # written, none NaN
-    metrics = {(r["experiment"], r["metric"]) for r in mine}
+    got = {(r["experiment"], r["metric"]): r for r in mine}
     if experiment == "bugs":
         assert {(f"bugs {n} {m}", "trained-on: test acc, shifted labels") for n in ("l2", "linf")
-                for m in ("pgd", "bugs")} <= metrics
+                for m in ("pgd", "bugs")} <= set(got)
+        assert got[("bugs l2 bugs", "attack success on target")]["settings"]["k"] == advex.SCALES["quick"]["bugs_k"]
     if experiment == "squares":
-        assert ("squares", "linear: flipped by Linf 0.89") in metrics
-        assert next(r for r in mine if r["metric"] == "linear: flipped by Linf 0.89")["value"] == 0
+        assert got[("squares", "linear: flipped by Linf 0.89")]["value"] == 0
+        assert got[("squares", "net 1 epoch: train acc")]["settings"]["epochs"] == 1
+        assert got[("squares", "net memorising: train acc")]["settings"]["epochs"] == advex.SCALES["quick"]["squares_epochs"]
     if experiment == "leakage":
-        assert {("leakage", "linear on features, trained on d_rand"), ("leakage", "linear on features, trained on d_det")} <= metrics
-    if experiment == "transfer":
-        assert {r["arch"] for r in mine} == {a + " quick" for a in advex.ARCHS}
-        assert os.path.isfile(tmp_path / "transfer.png")
+        assert {("leakage", "linear on features, trained on d_rand"), ("leakage", "robust linear: stable predictions L2 0.25"),
+                ("leakage", "deep model trained on d_rand: test acc")} <= set(got)
+        assert got[("leakage", "deep model trained on d_rand: test acc")]["paper"] == 88
+
+
+def test_transfer_attaches_paper_values_only_to_its_source(data_dir, tmp_path):
+    recs = run_cli("transfer", "--transfer-source", "resnet50", "--transfer-archs", "fastnet,resnet50,vgg16",
+                   "--n-train", "100", "--n-test", "40", out=tmp_path, data=data_dir)
+    got = {(r["arch"], r["metric"]): r for r in recs if r["experiment"] == "transfer"}
+    assert got[("resnet50", "transfer rate")]["paper"] == 100 and got[("vgg16", "transfer rate")]["paper"] == 66
+    assert got[("fastnet", "transfer rate")]["paper"] is None
+    assert got[("resnet50", "transfer rate")]["settings"]["self_transfer"] is True
+    # the self row attacks the source itself: its transfer rate is D_det's fooling rate on the source
+    det = advex.load_dataset(next(tmp_path / "artifacts" / f for f in os.listdir(tmp_path / "artifacts")
+                                  if f.startswith("d_det-s")))
+    assert det["settings"]["source"]["arch"] == "resnet50"
+    fooled = 100 * (det["src_pred"] == det["labels"]).float().mean().item()
+    assert got[("resnet50", "transfer rate")]["value"] == pytest.approx(fooled, abs=1e-3)
+    assert os.path.isfile(tmp_path / "transfer.png")

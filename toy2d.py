@@ -12,7 +12,9 @@ batched MLP (advex.ToyMLP), so 100 seeds take seconds on a CPU.
 
 Choices the response leaves open (documented here, reported in the JSON): MLP 2-64-64-2 with ReLU,
 full-batch Adam (lr 0.01, 2000 steps) for both models; PGD 20 steps of 2.5*eps/20; no [0,1] clamp
-(the points live in the plane, and the eps-box of a point near the edge may leave the square).
+(the points live in the plane, and the eps-box of a point near the edge may leave the square). Only points
+the first model fits can give an adversarial example: a flip of a point it gets wrong would hand the
+second model the true label. The summary also goes to OUT/results.json, where advex's claims table reads it.
 """
 import argparse
 import json
@@ -52,12 +54,12 @@ def make_mlp(seeds, salt):
     return model
 
 
-def fit(model, x, y, w, S):
+def fit(model, x, y, w, S, steps=FIT_STEPS):
     """Full-batch Adam on each seed's weighted mean cross-entropy. w (S*N,) in {0,1} selects each seed's
     training points. Adam is elementwise, so summing the seeds' losses trains each slot independently."""
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     w = w.float().view(S, -1)
-    for _ in range(FIT_STEPS):
+    for _ in range(steps):
         ce = F.cross_entropy(model(x), y, reduction="none").view(S, -1)
         loss = ((ce * w).sum(1) / w.sum(1).clamp_min(1)).sum()
         opt.zero_grad()
@@ -71,18 +73,19 @@ def predict(model, x):
     return model(x).argmax(1)
 
 
-def run(seeds, points=32, eps=0.12):
+def run(seeds, points=32, eps=0.12, fit_steps=FIT_STEPS):
     """The whole toy for every seed at once. Returns a dict of tensors, each (S*N, ...) or (S,)."""
     S = len(seeds)
     x, y = make_data(seeds, points)
-    first = fit(make_mlp(seeds, 1), x, y, torch.ones_like(y), S)
+    first = fit(make_mlp(seeds, 1), x, y, torch.ones_like(y), S, fit_steps)
     pred = predict(first, x)
-    # Linf PGD on the first model, away from its own prediction (= y once it fits the points)
-    x_adv = advex.pgd(first, x, pred, eps, PGD_STEPS, norm="linf", lo=-math.inf, hi=math.inf)
+    # Linf PGD on the first model, away from its own prediction, in one chunk: ToyMLP splits rows by seed
+    x_adv, _ = advex.pgd(first, x, pred, eps, PGD_STEPS, norm="linf", lo=-math.inf, hi=math.inf, batch=len(x))
     adv_pred = predict(first, x_adv)
-    flipped = adv_pred != pred
-    # the new model sees only the flipped examples, each labelled with its new, wrong prediction
-    second = fit(make_mlp(seeds, 2), x_adv, adv_pred, flipped, S)
+    # the new model sees only the flipped examples of points the first model fits, each labelled with its
+    # new, wrong prediction (a flipped point the first model got wrong would carry the true label)
+    flipped = (adv_pred != pred) & (pred == y)
+    second = fit(make_mlp(seeds, 2), x_adv, adv_pred, flipped, S, fit_steps)
     correct = predict(second, x) == y
     per_seed = lambda t: t.view(S, -1).sum(1)
     return dict(seeds=torch.tensor(seeds), x=x, y=y, x_adv=x_adv, adv_pred=adv_pred, flipped=flipped,
@@ -177,7 +180,12 @@ def figure(r, i, eps, path, size=300):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    return advex.cli(lambda: _main(argv), "toy2d")
+
+
+def _main(argv):
+    p = argparse.ArgumentParser(prog="toy2d.py", description=__doc__.split("\n\n")[0])
+    p.error = lambda msg: (_ for _ in ()).throw(advex.AdvexError(msg))  # one line, exit 2 (advex.cli)
     p.add_argument("--seeds", type=int, default=100, help="number of seeds (0..N-1) to run")
     p.add_argument("--seed", type=int, default=None, help="seed of the figure (default: a median seed)")
     p.add_argument("--eps", type=float, default=0.12, help="Linf radius of the attack, in data units")
@@ -186,10 +194,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.seeds < 1 or a.points < 2 or not 0 <= a.eps < math.inf:
         p.error("need --seeds >= 1, --points >= 2 and a finite --eps >= 0")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {a.out} is not a folder ({advex.why(e)})")
+    advex.read_results(a.out)  # an unreadable results.json stops us here, not after the work
     seeds = list(range(a.seeds)) + ([a.seed] if a.seed is not None and not 0 <= a.seed < a.seeds else [])
     t0 = time.time()
     torch.manual_seed(0)  # nothing here draws from the global generator; this pins it anyway
-    r = run(seeds, a.points, a.eps)
+    r = run(seeds, a.points, a.eps, FIT_STEPS)
     s = summary(r, a.points)
     c = r["correct"]
     i = seeds.index(a.seed) if a.seed is not None else int((c.double() - s["median"]).abs().argmin())
@@ -198,6 +211,16 @@ def main(argv=None):
              hidden=HIDDEN, lr=LR, fit_steps=FIT_STEPS, pgd_steps=PGD_STEPS, paper=23,
              per_seed=dict(seed=seeds, correct=c.tolist(), fit=r["fit"].tolist(), flipped=r["n_flipped"].tolist()))
     advex.save_atomic(json.dumps(s, indent=1), os.path.join(a.out, "toy2d.json"))
+    settings = dict(seeds=len(seeds), points=a.points, eps=a.eps, hidden=HIDDEN, lr=LR, fit_steps=FIT_STEPS,
+                    pgd_steps=PGD_STEPS)
+    rec = lambda metric, value, paper=None: advex.make_record(settings, 0, "toy_mlp", "toy2d", metric, value, paper)
+    advex.write_results(a.out, [rec("model 2: original points right, median", s["median"], 23),
+                                rec("model 2: original points right, mean", s["mean"]),
+                                rec("seeds above chance (%)", 100 * s["share_above_chance"]),
+                                rec("model 1 fits all points (% of seeds)", 100 * s["first_fit_share"]),
+                                rec("flipped examples per seed", s["flipped_mean"])], advex.RUNS,
+                        [dict(stage="toy2d", seconds=s["seconds"], work=0, tflop=0.0, loaded=False, time=time.time(),
+                              device=advex.device_name(torch.device("cpu")), seed=0, experiment="toy2d")])
     print(f"toy2d: {s['seeds']} seeds, model 2 gets {s['mean']:.1f} ± {s['std']:.1f} of {a.points} original points right "
           f"(median {s['median']:g}, quartiles {s['q25']:g}-{s['q75']:g}, range {s['min']:g}-{s['max']:g}; "
           f"{100 * s['share_above_chance']:.0f}% of seeds above chance; paper 23/32, one seed); model 1 fits "
