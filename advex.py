@@ -80,15 +80,15 @@ class Config:
     eval_restarts: int = 1        # >1: extra random starts; an example is robust only if no iterate of any start fools it
     attack_batch: int = 4096      # images per PGD / inversion chunk (lower it when memory is short)
     # Ilyas Sec. 3.1: robust / non-robust datasets by representation inversion
-    inv_method: str = "fast"      # fast: momentum 0.9 on the normalised gradient, step cosine-annealed to 0 | paper: plain steps
-    inv_steps: int = 100          # gradient steps on ||g(z) - g(x)||_2 (the paper: 1000)
-    inv_step: float = 2.0         # L2 step length, pixel units: fast: the first, largest step | paper: every step (0.1)
+    inv_method: str = "fast"      # fast: Polyak step lengths, momentum 0.8 (see invert) | paper: plain steps of --inv-step
+    inv_steps: int = 150          # gradient steps on ||g(z) - g(x)||_2 (the paper: 1000)
+    inv_step: float = 1.0         # L2 step length, pixel units: fast: the longest step | paper: every step (0.1)
     # Ilyas Sec. 3.2: relabelled adversarial datasets by targeted L2 PGD on the standard model
     rel_eps: float = 0.5          # L2 radius, pixel units
     rel_steps: int = 100          # PGD steps
     rel_step: float = 0.1         # L2 step length
-    con_epochs: int = 20          # epochs of each fresh model trained on D_R, D_NR, D_rand, D_det and Nakkiran's sets
-    rel_lr: float = 0.2           # peak lr on D_rand (the paper: 0.01 there vs 0.1 elsewhere; see README, Deviations)
+    con_epochs: int = 15          # epochs of each fresh model trained on D_R, D_NR, D_rand or D_det
+    rel_lr: float = 0.1           # peak lr on D_rand (the paper: 0.01 there vs 0.1 elsewhere; see README, Deviations)
     dataset: str = ""             # train-on: folder with CIFAR_ims and CIFAR_lab (MadryLab's released layout)
     # Wallace's response: learning from a model's wrong labels
     mis_teacher_epochs: int = 2   # mislabeled: the weak teacher's schedule, in epochs (response: ResNet-18, 2 epochs)
@@ -98,15 +98,16 @@ class Config:
     mnist_batch: int = 128        # mnist-fashion: batch size
     mnist_lr: float = 0.05        # mnist-fashion: peak learning rate (same one-cycle schedule)
     # Nakkiran's and Goh's responses; Ilyas Fig. 3
-    bugs_k: int = 10              # bugs: ensemble size; costs K extra trainings and K+1 forward/backward passes per step
+    bugs_k: int = 5               # bugs: ensemble size (Nakkiran: 10); costs K trainings and K+1 passes per attack step
     squares_n: int = 10000        # squares: training images (the test set is a tenth of it)
     squares_epochs: int = 20      # squares: epochs of the network that memorises the noisy labels (Adam, batch 128)
     squares_lr: float = 1e-5      # squares: Adam's constant learning rate (Nakkiran: 1e-5)
-    leak_eps: float = 0.5         # leakage: L2 radius of the robust linear classifier's adversarial training
+    leak_eps: float = 1.0         # leakage: L2 radius of its adversarial training (0.5 left Spec 2 unmet: README)
     leak_epochs: int = 10         # leakage: epochs of that linear classifier
     leak_lr: float = 0.002        # leakage: its peak lr (a linear model on 3072 correlated pixels diverges at 0.2)
     transfer_source: str = "fastnet"  # transfer: architecture whose D_det and adversarial examples are used (paper: resnet50)
-    transfer_archs: str = "fastnet,resnet18,resnet50,vgg16"  # transfer: architectures that learn from it / are attacked
+    transfer_archs: str = "fastnet,resnet18,vgg16"  # transfer: architectures that learn from D_det / are attacked (+resnet50: README)
+    transfer_width: int = 0       # transfer: base width of the architectures other than the source (0 = --width)
 
 
 # Sizes by --scale, applied to every field a flag does not set. "full" is the paper's (the defaults above).
@@ -114,10 +115,10 @@ class Config:
 # quick: tiny, so every experiment runs on a CPU in seconds; the code path is the same as the full run.
 SCALES = {
     "full": {},
-    "cpu": dict(n_train=10000, n_test=2000, width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=7,
-                eval_steps=10, attack_batch=1024, inv_steps=100, rel_steps=50, con_epochs=15, mis_epochs=20,
-                mnist_epochs=1, bugs_k=4, squares_n=2000, squares_epochs=10, leak_epochs=3,
-                transfer_archs="fastnet,resnet18,vgg16"),
+    "cpu": dict(n_train=10000, n_test=2000, width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,
+                eval_steps=10, attack_batch=256, inv_steps=30, rel_eps=1.0, rel_steps=20, rel_step=0.125,
+                con_epochs=25, mis_teacher_epochs=8, mis_epochs=20, mnist_epochs=10, bugs_k=3, squares_n=2000,
+                squares_lr=3e-4, transfer_width=8),
     "quick": dict(n_train=200, n_test=100, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
                   attack_batch=64, inv_steps=5, rel_steps=5, con_epochs=2, mis_teacher_epochs=1, mis_epochs=2,
                   mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2),
@@ -658,14 +659,16 @@ def project(delta, eps, norm):
 
 
 def pgd(model, x, y, eps, steps, norm="l2", step=None, targeted=False, random_start=False, lo=0.0, hi=1.0,
-        batch=4096, objective=None, momentum=0.0, anneal=False, name=""):
+        batch=4096, objective=None, momentum=0.0, polyak=0.0, name=""):
     """Projected gradient ascent on a per-example objective, `batch` images at a time.
 
     x: (N, ...) images in [lo, hi] (uint8 or float); y: (N, ...) labels, targets, or what the objective takes.
     Objective (see ce_objective): default cross-entropy against y, untargeted or targeted.
     Steps: L2 along the per-example normalised gradient, Linf along its sign; length `step` (default
-    2.5 * eps / steps). momentum > 0 steps along a running sum of normalised gradients instead (MI-FGSM,
-    Dong et al. 2018); anneal=True shrinks the step from `step` to 0 on a cosine (both used by `invert`).
+    2.5 * eps / steps). momentum > 0 steps along a running sum of normalised gradients instead (heavy ball,
+    as MI-FGSM, Dong et al. 2018). polyak > 0, for an objective whose maximum is 0: each example's step is
+    min(step, polyak * -loss / ||grad||), Polyak's step size (long while far from the optimum, short near it).
+    Both are used by `invert`.
     After each step: project onto the eps-ball around x, then clamp to [lo, hi].
     Returns (x_adv, success): x_adv (N, ...) fp32 is each example's highest-loss iterate (MadryLab's
     `use_best`; the start counts), with ||x_adv - x|| <= eps and lo <= x_adv <= hi; success (N,) bool is
@@ -686,7 +689,7 @@ def pgd(model, x, y, eps, steps, norm="l2", step=None, targeted=False, random_st
         xs, ss = [], []
         for i in range(0, len(x), batch):
             xa, s = _pgd_batch(objective, to_float(x[i:i + batch]), y[i:i + batch], eps, steps, step, norm,
-                               random_start, lo, hi, momentum, anneal)
+                               random_start, lo, hi, momentum, polyak)
             xs.append(xa)
             ss.append(s)
             if progress:
@@ -696,7 +699,7 @@ def pgd(model, x, y, eps, steps, norm="l2", step=None, targeted=False, random_st
         model.train(was_training)
 
 
-def _pgd_batch(objective, x, y, eps, steps, step, norm, random_start, lo, hi, momentum, anneal):
+def _pgd_batch(objective, x, y, eps, steps, step, norm, random_start, lo, hi, momentum, polyak):
     view = (-1,) + (1,) * (x.dim() - 1)  # broadcast a per-example scalar over an image
     unit = lambda g: g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(view) if norm == "l2" else g.sign()
     xa = x
@@ -718,7 +721,9 @@ def _pgd_batch(objective, x, y, eps, steps, step, norm, random_start, lo, hi, mo
             break
         with torch.no_grad():
             velocity = momentum * velocity + unit(grad)
-            length = step * (0.5 * (1 + math.cos(math.pi * i / steps)) if anneal else 1.0)
+            length = step
+            if polyak:  # loss = -f with f >= 0 and f* = 0
+                length = (polyak * -loss / grad.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=step).view(view)
             xa = (x + project(xa + length * unit(velocity) - x, eps, norm)).clamp(lo, hi)
     return best_x, success
 
@@ -759,9 +764,12 @@ def invert(model, x, x0, steps, step, method="fast", batch=4096, name=""):
     gradient at z = x, so x0 = x stays put), keeping each example's best iterate, so the result is never
     worse than x0. fp32 throughout: bf16's ~0.4% error would blur the small distances this drives to.
       method 'paper': `steps` L2-normalised gradient steps of length `step` (the paper: 1000 of 0.1).
-      method 'fast': momentum 0.9 on the normalised gradient and a step cosine-annealed from `step` to 0
-        (100 steps from 2.0 reach a lower median and p95 distance than the paper's 1000 steps of 0.1 on both
-        a robust and a standard source; README, "Inversion in 100 steps").
+      method 'fast': Polyak step lengths, min(step, 0.5 * f / ||grad f||) with f = ||g(z) - g(x)||^2, along a
+        heavy-ball momentum (0.8) of normalised gradients. On real CIFAR-10 with trained sources, 150 steps
+        reach a lower median and p95 distance than the paper's 1000 steps of 0.1 while ending about as far
+        from x0 (README, "Inversion in 150 steps"). The distance from x0 matters as much as the feature
+        match: long fixed steps also match g(x) closely but wander ~20 L2 from x0 (the paper's: ~3 for a
+        standard source), and a model trained on such a D_NR learns nothing that transfers to real images.
     x, x0: (N, C, H, W) in [0,1]. Returns z (N, C, H, W) fp32 and the relative distance
     ||g(z) - g(x)|| / ||g(x)|| (N,), the construction's quality."""
     if method not in ("fast", "paper"):
@@ -778,7 +786,7 @@ def invert(model, x, x0, steps, step, method="fast", batch=4096, name=""):
 
     fast = method == "fast"
     z, _ = pgd(model, x0, gx, math.inf, steps, "l2", step, batch=batch, objective=objective,
-               momentum=0.9 if fast else 0.0, anneal=fast, name=name)
+               momentum=0.8 if fast else 0.0, polyak=0.5 if fast else 0.0, name=name)
     rel = (features(model, z, batch) - gx).norm(dim=1) / gx.norm(dim=1).clamp_min(1e-12)
     return z, rel
 
@@ -943,14 +951,14 @@ def accuracy(model, x, y, batch=4096):
     return (predict(model, x, batch) == y).float().mean().item()
 
 
-def robust_accuracy(model, x, y, eps, steps, step=None, restarts=1, norm="l2", batch=4096):
+def robust_accuracy(model, x, y, eps, steps, step=None, restarts=1, norm="l2", batch=4096, name=""):
     """Share of examples that no untargeted PGD iterate of any restart misclassifies (the clean image is the
     first iterate of restart 0, so this never exceeds the standard accuracy). Restart 0 starts at x; each
     further restart at a random point of the ball. An upper bound on the true robust accuracy, as every
     attack-based number is; more steps and restarts can only lower it."""
     fooled = torch.zeros(len(x), dtype=torch.bool, device=y.device)
     for r in range(restarts):
-        fooled |= pgd(model, x, y, eps, steps, norm, step, random_start=r > 0, batch=batch)[1]
+        fooled |= pgd(model, x, y, eps, steps, norm, step, random_start=r > 0, batch=batch, name=name)[1]
     return 1 - fooled.float().mean().item()
 
 
@@ -996,7 +1004,7 @@ def evaluate(cfg, model, x, y):
         values = {"standard acc": 100 * accuracy(model, x, y, cfg.attack_batch)}
         for metric, a in attacks.items():
             values[metric] = 100 * robust_accuracy(model, x, y, a["eps"], a["steps"], a["step"], a["restarts"],
-                                                   batch=cfg.attack_batch)
+                                                   batch=cfg.attack_batch, name=f"eval {model.name}: {metric}")
         save_atomic(json.dumps(values), path)
         note_stage(f"eval {model.name}", t0, w0, model)
     return [("standard acc", values["standard acc"], {})] + [(m, values[m], a) for m, a in attacks.items()]
@@ -1273,7 +1281,7 @@ def trained(cfg, dev, name, x, y, settings):
     maybe_compile(model, x, cfg.compile)
     stop = None
     if "stop_acc" in settings:  # Wallace's weak teacher; checked on training images only, never on test data
-        stop = lambda e: 100 * accuracy(model, x[:2000], y[:2000]) >= settings["stop_acc"]
+        stop = lambda e: 100 * accuracy(model, x[:2000], y[:2000], cfg.attack_batch) >= settings["stop_acc"]
     if "stop_epochs" in settings:
         stop = lambda e: e >= settings["stop_epochs"]
     model.epochs_done = train(model, x, y, settings["epochs"], settings["batch"], settings["lr"], settings["momentum"],
@@ -1404,9 +1412,10 @@ def build_relabelled(cfg, dev, data, name):
 
 def constructed_model(cfg, dev, name, ds):
     """A fresh cfg.arch model trained on a constructed dataset with the recipe of the paper's Sec. 3 and App. C:
-    standard training for --con-epochs; D_rand at --rel-lr; D_det (and Nakkiran's sets) without augmentation,
-    since its labels depend on the exact perturbation."""
-    over = dict(epochs=cfg.con_epochs, source=ds["settings"])
+    standard training for --con-epochs (non-robust features take longer to fit than robust ones); D_rand at
+    --rel-lr; D_det without augmentation, since its labels depend on the exact perturbation. Nakkiran's sets
+    ('bugs-...') as he trained them: like a standard model (--epochs), without augmentation."""
+    over = dict(epochs=cfg.epochs if name.startswith("bugs") else cfg.con_epochs, source=ds["settings"])
     if name == "d_rand":
         over["lr"] = cfg.rel_lr
     if name.startswith(("d_det", "bugs")):
@@ -1460,8 +1469,11 @@ def exp_constructed(cfg, dev, name):
     dataset_grid(cfg, name, data, ds)
     model = constructed_model(cfg, dev, name, ds)
     s = model.settings
-    return construction_records(cfg, name, ds) + eval_records(cfg, name, model, data, lr=s["lr"], augment=s["augment"],
-                                                               epochs=s["epochs"])
+    recs = construction_records(cfg, name, ds) + eval_records(cfg, name, model, data, lr=s["lr"], augment=s["augment"],
+                                                              epochs=s["epochs"])
+    if name == "d_det":  # high here means the model learnt D_det's robust features (y -> y+1), not its non-robust ones
+        recs.append(record(cfg, name, "test acc on shifted labels y+1", 100 * accuracy(model, data[2], (data[3] + 1) % 10, cfg.attack_batch)))
+    return recs
 
 
 def exp_train_on(cfg, dev):
@@ -1532,15 +1544,15 @@ def exp_mnist_fashion(cfg, dev):
                  momentum=cfg.momentum, wd=cfg.wd, augment=False, epochs=cfg.mnist_epochs)
     teacher = trained(cfg, dev, "mnist-teacher", xm, ym, mnist)
     e = "mnist-fashion"
-    recs = [record(cfg, e, "teacher MNIST test acc", 100 * accuracy(teacher, xmt, ymt), 99.1, "mnist_cnn",
+    recs = [record(cfg, e, "teacher MNIST test acc", 100 * accuracy(teacher, xmt, ymt, cfg.attack_batch), 99.1, "mnist_cnn",
                    epochs=cfg.mnist_epochs)]
     for variant, paper in (("own", 91.04), ("mnist", 94.5)):
         xv = fashion_as_mnist(xf, variant)
-        labels = predict(teacher, xv)  # the teacher's argmax labels on Fashion images
+        labels = predict(teacher, xv, cfg.attack_batch)  # the teacher's argmax labels on Fashion images
         hist = torch.bincount(labels, minlength=10).tolist()
         log(f"[{e}] Fashion-MNIST relabelled by the MNIST teacher ({variant} statistics): label histogram {hist}")
         student = trained(cfg, dev, f"mnist-student-{variant}", xv, labels, dict(mnist, teacher=teacher.settings))
-        recs.append(record(cfg, e, f"student MNIST test acc ({variant} stats)", 100 * accuracy(student, xmt, ymt),
+        recs.append(record(cfg, e, f"student MNIST test acc ({variant} stats)", 100 * accuracy(student, xmt, ymt, cfg.attack_batch),
                            paper, "mnist_cnn", label_hist=hist, epochs=cfg.mnist_epochs))
     return recs
 
@@ -1610,7 +1622,7 @@ def exp_squares(cfg, dev):
     xte, yte = (t.to(dev) for t in squares_data(max(cfg.squares_n // 10, 100), generator=g))
 
     def flipped(m, eps):  # share of test points some Linf PGD iterate moves off the model's own prediction
-        _, moved = pgd(m, xte, predict(m, xte), eps, 10, "linf", lo=-1.1, hi=1.1, batch=cfg.attack_batch)
+        _, moved = pgd(m, xte, predict(m, xte, cfg.attack_batch), eps, 10, "linf", lo=-1.1, hi=1.1, batch=cfg.attack_batch)
         return 100 * moved.float().mean().item()
 
     linear = LinearNet(2, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).to(dev)
@@ -1618,15 +1630,15 @@ def exp_squares(cfg, dev):
         linear.head.weight.copy_(torch.stack([-torch.ones(x[0].numel()), torch.ones(x[0].numel())]).to(dev) / x[0].numel())
         linear.head.bias.zero_()
     e = "squares"
-    recs = [record(cfg, e, "linear: test acc", 100 * accuracy(linear, xte, yte), None, "linear"),
+    recs = [record(cfg, e, "linear: test acc", 100 * accuracy(linear, xte, yte, cfg.attack_batch), None, "linear"),
             record(cfg, e, "linear: flipped by Linf 0.89", flipped(linear, 0.89), 0, "linear", norm="linf", eps=0.89, steps=10)]
     s = train_settings(cfg, epochs=cfg.squares_epochs, batch=128, lr=cfg.squares_lr, optimizer="adam", augment=False,
                        classes=2, norm=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     for what, settings in (("memorising", s), ("1 epoch", dict(s, stop_epochs=1))):  # the same run, stopped early
         m = trained(cfg, dev, "squares-net", x, y, settings)
-        recs += [record(cfg, e, f"net {what}: train acc", 100 * accuracy(m, x, y), 99.9 if what == "memorising" else None,
+        recs += [record(cfg, e, f"net {what}: train acc", 100 * accuracy(m, x, y, cfg.attack_batch), 99.9 if what == "memorising" else None,
                         epochs=m.epochs_done),
-                 record(cfg, e, f"net {what}: test acc", 100 * accuracy(m, xte, yte)),
+                 record(cfg, e, f"net {what}: test acc", 100 * accuracy(m, xte, yte, cfg.attack_batch)),
                  record(cfg, e, f"net {what}: flipped by Linf 0.01", flipped(m, 0.01), None, norm="linf", eps=0.01, steps=10)]
     return recs
 
@@ -1662,8 +1674,8 @@ def exp_leakage(cfg, dev):
     e = "leakage"
     feats = lambda imgs: over_set(lin, lambda xb: lin(xb).float(), imgs, cfg.attack_batch)  # (N, 10): its features
     certified = linear_certified(lin, xte, yte, 0.25).float().mean().item()
-    stable = linear_certified(lin, xte, predict(lin, xte), 0.25).float().mean().item()
-    recs = [record(cfg, e, "robust linear: test acc", 100 * accuracy(lin, xte, yte), None, "linear", adv_eps=cfg.leak_eps),
+    stable = linear_certified(lin, xte, predict(lin, xte, cfg.attack_batch), 0.25).float().mean().item()
+    recs = [record(cfg, e, "robust linear: test acc", 100 * accuracy(lin, xte, yte, cfg.attack_batch), None, "linear", adv_eps=cfg.leak_eps),
             record(cfg, e, "robust linear: certified acc L2 0.25", 100 * certified, None, "linear"),
             record(cfg, e, "robust linear: stable predictions L2 0.25", 100 * stable, 80, "linear")]
     seed_all(cfg.seed, "leakage-head")
@@ -1716,7 +1728,8 @@ def exp_transfer(cfg, dev):
     paper = {"resnet18": (41, 92), "resnet50": (45, 100), "vgg16": (28, 66)} if cfg.transfer_source == "resnet50" else {}
     recs, points = [], []
     for arch in cfg.transfer_archs.split(","):
-        acfg = dataclasses.replace(cfg, arch=arch)
+        acfg = dataclasses.replace(cfg, arch=arch, width=cfg.width if arch == cfg.transfer_source else
+                                   cfg.transfer_width or cfg.width)
         attacked = source if arch == cfg.transfer_source else standard_model(acfg, dev, data)
         transfer = 100 * (predict(attacked, xa, cfg.attack_batch) == t).float().mean().item()
         acc = 100 * accuracy(constructed_model(acfg, dev, "d_det", ds), data[2], data[3], cfg.attack_batch)
@@ -1777,7 +1790,7 @@ def _bool(s):
 
 
 # Numbers that may be 0 (all images; no perturbation; no decay or momentum); every other number must be > 0.
-ZERO_OK = {"n_train", "n_test", "seed", "since", "adv_eps", "rel_eps", "leak_eps", "wd", "momentum"}
+ZERO_OK = {"n_train", "n_test", "seed", "since", "adv_eps", "rel_eps", "leak_eps", "wd", "momentum", "transfer_width"}
 
 
 def check_config(cfg, given):
