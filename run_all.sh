@@ -21,9 +21,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 start=$(date +%s)
 
-"$PY" advex.py standard "${args[@]}"       # standard CIFAR-10 model
-"$PY" advex.py robust "${args[@]}"         # L2 adversarially trained model (eps 0.5)
-"$PY" advex.py ilyas "${args[@]}"          # Sec. 3: D_R, D_NR, D_rand, D_det and four fresh models (reuses the two above)
+"$PY" advex.py ilyas "${args[@]}"          # Sec. 3: the standard and the robust model, D_R, D_NR, D_rand, D_det, four fresh models
 "$PY" toy2d.py --out "$out"                # Wallace's 2D toy over 100 seeds, OUT/toy2d.png
 "$PY" advex.py mislabeled --arch resnet18 "${args[@]}"   # Wallace: learning only from a ResNet-18's errors
 "$PY" advex.py mnist-fashion "${args[@]}"  # Wallace: an MNIST CNN's labels on Fashion-MNIST teach MNIST

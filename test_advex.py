@@ -601,7 +601,8 @@ def test_run_all_passes_its_flags_and_out_to_every_line(tmp_path):
                    env=env, check=True, cwd=tmp_path)
     calls = log.read_text().splitlines()
     experiments = [c.split()[1] for c in calls if c.startswith("advex.py")]
-    assert set(advex.EXPERIMENTS) - set(experiments) <= {"d_r", "d_nr", "d_rand", "d_det", "train-on"}
+    # ilyas runs standard, robust and the four constructed datasets; train-on needs a released dataset
+    assert set(advex.EXPERIMENTS) - set(experiments) == {"standard", "robust", "d_r", "d_nr", "d_rand", "d_det", "train-on"}
     assert experiments[-1] == "report" and "--since" in calls[-1]
     for c in calls:
         assert f"--out {tmp_path / 'D'}" in c, c
@@ -665,16 +666,20 @@ def test_inversion_lowers_every_representation_distance(trained_tiny):
     assert ((z - advex.to_float(x0)).flatten(1).norm(dim=1) > 0.5).all()  # no eps-ball: z travels far
 
 
-def test_fast_inversion_beats_the_papers_1000_steps_in_100(trained_tiny, robust_tiny):
-    """The default procedure (momentum, annealed step; 100 steps from 2.0) reaches a lower relative distance
-    than the paper's 1000 plain steps of 0.1, from the same start images, on a standard and a robust source
-    (median and mean; README, "Inversion in 100 steps", compares median and p95 on 200 real CIFAR-10 images)."""
+def test_fast_inversion_beats_the_papers_1000_steps_and_stays_as_close_to_its_start(trained_tiny, robust_tiny):
+    """The default procedure (Polyak step lengths, momentum; Config.inv_steps) reaches a lower relative distance
+    median than the paper's 1000 plain steps of 0.1 from the same start images, on a standard and a robust
+    source, and ends about as far from its start image: long fixed steps also match g(x) but wander far from
+    x0, and D_NR built that way teaches nothing (README, "Inversion in 150 steps", compares median and p95
+    on 256 real CIFAR-10 images)."""
     _, x, _ = trained_tiny
     x, x0 = x[:8], x[3:11]
+    moved = lambda z: (z - advex.to_float(x0)).flatten(1).norm(dim=1).median()
     for model in (trained_tiny[0], robust_tiny):
-        _, paper = advex.invert(model, x, x0, steps=1000, step=0.1, method="paper")
-        _, fast = advex.invert(model, x, x0, steps=advex.Config.inv_steps, step=advex.Config.inv_step)
-        assert fast.median() <= paper.median() and fast.mean() <= paper.mean(), (fast, paper)
+        zp, paper = advex.invert(model, x, x0, steps=1000, step=0.1, method="paper")
+        zf, fast = advex.invert(model, x, x0, steps=advex.Config.inv_steps, step=advex.Config.inv_step)
+        assert fast.median() <= paper.median(), (fast, paper)
+        assert moved(zf) <= 1.2 * moved(zp), (moved(zf), moved(zp))  # here ~1.15 / ~0.95; 150 fixed steps of 1.0: ~1.26 / ~1.12
 
 
 def test_inversion_from_the_target_itself_stays_put_and_runs_in_fp32(trained_tiny, monkeypatch):
