@@ -13,7 +13,7 @@ Conventions, everywhere in this file:
     is in pixel units: an L2 radius over all C*H*W values, or an Linf bound (8/255 = 0.0314).
   * g(x) = model.features(x), the penultimate representation (B, D); logits = model.head(g(x)).
   * attacks keep x and delta in fp32; on CUDA the model's forward pass runs under bf16 autocast, except
-    in representation inversion, which is fp32 throughout.
+    in representation inversion, which runs without autocast (fp32; TF32 convolutions on CUDA).
   * every artifact (checkpoint, constructed dataset, evaluation) is named by a hash of everything that
     made it: its settings, a fingerprint of the exact tensors it was trained or built on, the settings
     of the models it came from and the seed. It is written atomically and reused, so an interrupted run
@@ -56,7 +56,7 @@ class Config:
     compile: bool = False         # CUDA only: torch.compile each model's body (falls back to eager if that fails)
     seed: int = 0                 # seed of a single run
     seeds: str = ""               # comma list (e.g. 0,1,2): repeat the experiment; results.md shows mean ± std
-    scale: str = "full"           # full: the paper's sizes, one GPU | cpu: laptop scale (SCALES) | quick: seconds, for tests
+    scale: str = "full"           # full: advex's defaults, one GPU (README: Deviations) | cpu: laptop scale (SCALES) | quick: seconds, for tests
     since: float = 0.0            # report: time only the stages run after this Unix time (run_all.sh passes its start)
     # models and training (the paper trains a ResNet-50 for 150 epochs; the fast net gets close in ~10)
     arch: str = "fastnet"         # CIFAR-10 model: fastnet | resnet18 | resnet50 | vgg16
@@ -110,7 +110,8 @@ class Config:
     transfer_width: int = 0       # transfer: base width of the architectures other than the source (0 = --width)
 
 
-# Sizes by --scale, applied to every field a flag does not set. "full" is the paper's (the defaults above).
+# Sizes by --scale, applied to every field a flag does not set. "full" is the defaults above (the paper's
+# sizes, with the deviations the README lists).
 # cpu: chosen by measurement on a 2-core CPU (README, "Laptop scale"): all of run_all.sh in < 45 minutes.
 # quick: tiny, so every experiment runs on a CPU in seconds; the code path is the same as the full run.
 SCALES = {
@@ -762,12 +763,13 @@ def invert(model, x, x0, steps, step, method="fast", batch=4096, name=""):
     z = argmin ||g(z) - g(x)||_2, starting from x0, with no eps-ball, only the [0,1] clamp. This is PGD with an
     infinite radius on the loss -||g(z) - g(x)||^2 (the square has the same descent direction and a zero
     gradient at z = x, so x0 = x stays put), keeping each example's best iterate, so the result is never
-    worse than x0. fp32 throughout: bf16's ~0.4% error would blur the small distances this drives to.
+    worse than x0. No bf16 autocast: its ~0.4% error would blur the small distances this drives to (on
+    CUDA, convolutions and matmuls take TF32 inputs, as everywhere in advex: ~5e-4 relative rounding).
       method 'paper': `steps` L2-normalised gradient steps of length `step` (the paper: 1000 of 0.1).
       method 'fast': Polyak step lengths, min(step, 0.5 * f / ||grad f||) with f = ||g(z) - g(x)||^2, along a
         heavy-ball momentum (0.8) of normalised gradients. On real CIFAR-10 with trained sources, 150 steps
-        reach a lower median and p95 distance than the paper's 1000 steps of 0.1 while ending about as far
-        from x0 (README, "Inversion in 150 steps"). The distance from x0 matters as much as the feature
+        reach a lower median and p95 distance than the paper's 1000 steps of 0.1 and end within ~20% of its
+        distance from x0 (README, "Inversion in 150 steps"). The distance from x0 matters as much as the feature
         match: long fixed steps also match g(x) closely but wander ~20 L2 from x0 (the paper's: ~3 for a
         standard source), and a model trained on such a D_NR learns nothing that transfers to real images.
     x, x0: (N, C, H, W) in [0,1]. Returns z (N, C, H, W) fp32 and the relative distance
@@ -1807,6 +1809,13 @@ def check_config(cfg, given):
         for a in archs:
             if a not in ARCHS:
                 raise AdvexError(f"unknown --{name} {a!r}; choose from {', '.join(ARCHS)}")
+    archs = cfg.transfer_archs.split(",")
+    if cfg.transfer_source not in archs or len(set(archs)) < len(archs):
+        raise AdvexError(f"--transfer-archs {cfg.transfer_archs!r} must list each architecture once, the source "
+                         f"--transfer-source {cfg.transfer_source} among them (Fig. 3's self-transfer point)")
+    if cfg.width < 2 or cfg.transfer_width == 1:  # fastnet's stem has width // 2 channels
+        raise AdvexError(f"--width and --transfer-width must be >= 2 (or --transfer-width 0), got {cfg.width}, "
+                         f"{cfg.transfer_width}")
     for name, value, choices in (("scale", cfg.scale, SCALES), ("inv-method", cfg.inv_method, ("fast", "paper"))):
         if value not in choices:
             raise AdvexError(f"unknown --{name} {value!r}; choose from {', '.join(choices)}")
@@ -1839,7 +1848,7 @@ def check_config(cfg, given):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="advex.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="advex.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.error = lambda msg: (_ for _ in ()).throw(AdvexError(msg))  # one line, exit 2 (see main)
     p.add_argument("experiment", choices=list(EXPERIMENTS))
     helps = _field_help()
@@ -1893,7 +1902,7 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         t0 = time.time()
-        for seed in seeds:
+        for seed in seeds[:1] if experiment == "report" else seeds:  # one report covers every seed
             c = dataclasses.replace(cfg, seed=seed)
             log(f"advex {experiment} seed {seed} on {device_name(dev)}, scale {cfg.scale}")
             STAGES.clear()

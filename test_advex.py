@@ -531,7 +531,9 @@ def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path, capsys):
              ("--device", "meta"): "unknown --device 'meta'", ("--scale", "huge"): "unknown --scale",
              ("--inv-method", "magic"): "unknown --inv-method", ("--transfer-archs", "vgg16,lenet"): "'lenet'",
              ("--mis-teacher-acc", "150"): "percentage", ("--momentum", "1"): "below 1",
-             ("--out", str(a_file)): "is not a writable folder"}
+             ("--out", str(a_file)): "is not a writable folder", ("--con", "30"): "unrecognized",  # no abbreviations
+             ("--transfer-source", "resnet50"): "the source", ("--transfer-archs", "fastnet,vgg16,vgg16"): "once",
+             ("--width", "1"): "--width and --transfer-width must be >= 2", ("--transfer-width", "1"): ">= 2"}
     for args, message in cases.items():
         assert message in cli_error(capsys, "bugs", *q, *args), args
     if not torch.cuda.is_available():
@@ -630,6 +632,12 @@ def test_scales_are_well_formed(tmp_path):
             assert k not in sizes or v <= getattr(full, k), (scale, k)
         archs = cfg.transfer_archs.split(",")
         assert cfg.transfer_source in archs and len(archs) >= 3 and cfg.bugs_k >= 2 and cfg.eval_eps == full.eval_eps
+
+
+def test_report_prints_the_stage_table_and_claims_once_for_any_seeds(tmp_path, capsys):
+    advex.main(["report", "--seeds", "0,1,2", "--out", str(tmp_path)])  # run_all.sh passes its --seeds on
+    out = capsys.readouterr().out
+    assert out.count("| stage |") == 1 and out.count("NOT RUN") == len(advex.CLAIMS)
 
 
 def test_claims_table_verdicts():

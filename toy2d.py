@@ -187,7 +187,7 @@ def _main(argv):
     p = argparse.ArgumentParser(prog="toy2d.py", description=__doc__.split("\n\n")[0])
     p.error = lambda msg: (_ for _ in ()).throw(advex.AdvexError(msg))  # one line, exit 2 (advex.cli)
     p.add_argument("--seeds", type=int, default=100, help="number of seeds (0..N-1) to run")
-    p.add_argument("--seed", type=int, default=None, help="seed of the figure (default: a median seed)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the figure (default: a median seed); one outside 0..N-1 is run and counted too")
     p.add_argument("--eps", type=float, default=0.12, help="Linf radius of the attack, in data units")
     p.add_argument("--points", type=int, default=32, help="points per seed")
     p.add_argument("--out", default="runs", help="folder for toy2d.png and toy2d.json")
