@@ -1804,12 +1804,11 @@ def check_config(cfg, given):
                 raise AdvexError(f"{flag} must be a finite number {'>= 0' if f.name in ZERO_OK else '> 0'}, got {v}")
     if cfg.momentum >= 1:
         raise AdvexError(f"--momentum must be below 1, got {cfg.momentum}")
-    for name, archs in (("arch", [cfg.arch]), ("transfer-source", [cfg.transfer_source]),
-                        ("transfer-archs", cfg.transfer_archs.split(","))):
-        for a in archs:
+    archs = cfg.transfer_archs.split(",")
+    for name, values in (("arch", [cfg.arch]), ("transfer-source", [cfg.transfer_source]), ("transfer-archs", archs)):
+        for a in values:
             if a not in ARCHS:
                 raise AdvexError(f"unknown --{name} {a!r}; choose from {', '.join(ARCHS)}")
-    archs = cfg.transfer_archs.split(",")
     if cfg.transfer_source not in archs or len(set(archs)) < len(archs):
         raise AdvexError(f"--transfer-archs {cfg.transfer_archs!r} must list each architecture once, the source "
                          f"--transfer-source {cfg.transfer_source} among them (Fig. 3's self-transfer point)")
