@@ -1,31 +1,38 @@
-"""advex: "Adversarial Examples Are Not Bugs, They Are Features" (Ilyas et al. 2019,
-arXiv 1905.02175) and the Distill 2019 discussion around it, in one file you can read top to bottom.
+"""advex: "Adversarial Examples Are Not Bugs, They Are Features" (Ilyas et al. 2019, arXiv 1905.02175) and the six
+responses of the Distill 2019 discussion around it, in one file you can read top to bottom.
 
-    python advex.py standard                   # CIFAR-10 standard model: train, save, evaluate
-    python advex.py robust                     # L2 adversarially trained model (eps 0.5, 7 steps of 0.1)
-    python advex.py ilyas --seeds 0,1,2        # Sec. 3: D_R, D_NR, D_rand, D_det, four fresh models
-    python advex.py EXPERIMENT --scale cpu     # laptop scale: all of run_all.sh in < 45 min on 2 CPU cores
-    python advex.py EXPERIMENT --scale quick   # tiny sizes: every experiment runs on a CPU in seconds
-    python advex.py --help                     # every flag, with its unit
+    python advex.py ilyas --scale quick        # Sec. 3 end to end at tiny size: seconds on a CPU, numbers meaningless
+    python advex.py ilyas --scale cpu          # laptop scale, real data: all of run_all.sh in ~45 min on 2 CPU cores
+    python advex.py ilyas                      # full size: one GPU (README: Speed)
+    python advex.py EXPERIMENT --help          # the flags EXPERIMENT reads, with their units
+    model = advex.load("runs/artifacts/standard-fastnet-s0-....pt")   # from Python: [0,1] images in, logits out
 
+The file in order. The science first, in the paper's order: Config; Data; Models; Attacks (PGD); Inversion (Sec. 3.1);
+Relabelling (Sec. 3.2); Training; Evaluation; Experiments (Ilyas Sec. 3 and Fig. 3, then the responses: Wallace,
+Nakkiran, Goh's leakage, Gilmer & Hendrycks, Goh's linear features, Nakano). After the PLUMBING banner, what a reader
+of the method can skip: the artifact cache, results and claims, figures, files, the CLI.
+Where to change what:
+  * a new way to build a training set (Sec. 3): one function and one row of CONSTRUCTIONS; its keyword arguments
+    are Config fields (add one for a new knob), and they, its inputs and this file's text key its artifact.
+  * a new experiment: a function exp_NAME(cfg, dev) -> records, and one row of EXPERIMENTS.
+  * a new claim: one row of CLAIMS; a published number: one entry of PAPER.
 Conventions, everywhere in this file:
-  * images live in [0,1] pixel space, (B, C, H, W); each model normalises inside itself, so every eps
-    is in pixel units: an L2 radius over all C*H*W values, or an Linf bound (8/255 = 0.0314).
+  * images live in [0,1] pixel space, (B, C, H, W); each model normalises inside itself, so every eps is in pixel
+    units: an L2 radius over all C*H*W values, or an Linf bound (8/255 = 0.0314).
   * g(x) = model.features(x), the penultimate representation (B, D); logits = model.head(g(x)).
-  * attacks keep x and delta in fp32; on CUDA the model's forward pass runs under bf16 autocast, except
-    in representation inversion, which runs without autocast (fp32; TF32 convolutions on CUDA).
-  * every artifact (checkpoint, constructed dataset, evaluation) is named by a hash of everything that
-    made it: its settings, a fingerprint of the exact tensors it was trained or built on, the settings
-    of the models it came from and the seed. It is written atomically and reused, so an interrupted run
-    resumes, and a change anywhere upstream never reuses a stale file.
+  * attacks keep x and delta in fp32; on CUDA only the model's forward pass runs under bf16 autocast, and
+    representation inversion runs without it (fp32; TF32 convolutions on CUDA).
+  * every stage's output (checkpoint, dataset, evaluation) is stored under a key made of its settings, the
+    fingerprints of the tensors and models it was made from, the seed and this file's text: a changed procedure or
+    input never reuses an old artifact, and an interrupted run resumes.
   * one seed, one result: the same command with the same seed on a CPU writes the same numbers.
-Results go to OUT/results.json (every number with the settings that made it, every stage's time) and
-OUT/results.md (the table beside the paper's numbers, and a verdict for each of the papers' claims).
 Measured numbers, with hardware and wall times, are in README.md.
 """
 import argparse
 import dataclasses
 import hashlib
+import inspect
+import itertools
 import json
 import math
 import os
@@ -35,6 +42,7 @@ import shutil
 import struct
 import sys
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 
@@ -42,87 +50,120 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# =============================================================================================
-# Config: one flat set of values; the CLI is generated from it (python advex.py --help)
-# =============================================================================================
+ARCHS = ("fastnet", "resnet18", "resnet50", "vgg16")  # CIFAR-10 architectures (Models)
+
+# =====================================================================================================================
+# Config: every setting, its unit and its allowed values; the CLI is generated from it (python advex.py EXP --help)
+# =====================================================================================================================
+
+def knob(default, allowed):
+    """A Config field whose allowed values are not the rule for numbers (finite and > 0): one of RULES, a tuple of
+    choices (for a tuple field: of each element), 'file' (empty or an existing file) or a regular expression."""
+    return dataclasses.field(default=default, metadata={"allowed": allowed})
+
+
+RULES = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=2": lambda v: v >= 2, "0 or >=2": lambda v: v == 0 or v >= 2,
+         "[0,1)": lambda v: 0 <= v < 1, "(0,100]": lambda v: 0 < v <= 100}
+
 
 @dataclass
 class Config:
-    # where things are, how big, how fast
+    # where things are and how to run; none of these changes a number, so none is part of a key
     data: str = "data"            # dataset root in torchvision's layout: cifar-10-batches-py/, MNIST/raw/, FashionMNIST/raw/
-    out: str = "runs"             # results.json, results.md, artifacts/ (checkpoints, datasets, evaluations), PNG figures
+    out: str = "runs"             # results.json, results.md, PNG figures, artifacts/ (checkpoints, datasets, evaluations)
     download: bool = True         # try torchvision's download when dataset files are missing
-    device: str = "auto"          # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
-    compile: bool = False         # CUDA only: torch.compile each model's body (falls back to eager if that fails)
-    seed: int = 0                 # seed of a single run
-    seeds: str = ""               # comma list (e.g. 0,1,2): repeat the experiment; results.md shows mean ± std
-    scale: str = "full"           # full: advex's defaults, one GPU (README: Deviations) | cpu: laptop scale (SCALES) | quick: seconds, for tests
-    since: float = 0.0            # report: time only the stages run after this Unix time (run_all.sh passes its start)
+    device: str = knob("auto", re.compile(r"auto|cpu|cuda(:\d+)?"))  # auto (cuda when there is one) | cpu | cuda | cuda:N
+    compile: bool = False         # CUDA only: torch.compile each model's body (eager if that fails)
+    attack_batch: int = 4096      # images per attack, inversion and evaluation chunk (lower it when memory is short)
+    seed: int = knob(0, ">=0")    # the first seed
+    seeds: int = 1                # how many seeds: --seed, --seed+1, ...; results.md shows mean ± std over them
+    scale: str = knob("full", ("full", "cpu", "quick"))  # full: one GPU | cpu: laptop scale (SCALES) | quick: seconds, for tests
+    since: float = knob(0.0, ">=0")  # report: time only the stages run after this Unix time (run_all.sh passes its start)
+    # the paper's own source models (MadryLab's release; README, "Start from the paper's models")
+    standard_from: str = knob("", "file")  # ResNet-50 checkpoint used as the standard model (MadryLab's cifar_nat.pt)
+    robust_from: str = knob("", "file")    # ... as the robust model (cifar_l2_0_5.pt, or RobustBench's Engstrom2019Robustness)
     # models and training (the paper trains a ResNet-50 for 150 epochs; the fast net gets close in ~10)
-    arch: str = "fastnet"         # CIFAR-10 model: fastnet | resnet18 | resnet50 | vgg16
-    width: int = 64               # base channel width (fastnet: w, 4w, 4w; resnets and vgg16: w..8w)
-    n_train: int = 0              # use the first n training images (0 = all)
-    n_test: int = 0               # evaluate on the first n test images (0 = all)
+    arch: str = knob("fastnet", ARCHS)  # CIFAR-10 model
+    width: int = knob(64, ">=2")  # base channel width (fastnet: w, 4w, 4w; resnets and vgg16: w..8w)
+    n_train: int = knob(0, ">=0")  # use the first n training images (0 = all)
+    n_test: int = knob(0, ">=0")  # evaluate on the first n test images (0 = all)
     epochs: int = 10              # epochs of standard training
     batch: int = 512              # training batch size
     lr: float = 0.2               # peak learning rate: linear warm-up over 20% of the steps, then linear to 0
-    momentum: float = 0.9         # SGD with Nesterov momentum
-    wd: float = 5e-4              # weight decay
+    momentum: float = knob(0.9, "[0,1)")  # SGD with Nesterov momentum
+    wd: float = knob(5e-4, ">=0")  # weight decay
     augment: bool = True          # CIFAR training augmentation: random crop with 4-px zero padding, horizontal flip
     # adversarial training (Ilyas et al. App. C / Madry et al. 2018): L2 PGD inside the training loop
     adv_epochs: int = 20          # epochs of adversarial training
-    adv_eps: float = 0.5          # L2 radius, pixel units
+    adv_eps: float = knob(0.5, ">=0")  # L2 radius, pixel units
     adv_steps: int = 7            # PGD steps per training batch
     adv_step: float = 0.1         # L2 step length; the highest-loss iterate is used
     # evaluation: untargeted L2 PGD, step 2.5*eps/steps; the paper's own attack (7 steps of eps/5) is reported too
-    eval_eps: str = "0.25"        # L2 radii, comma list
+    eval_eps: tuple = knob((0.25,), ">=0")  # L2 radii, comma list
     eval_steps: int = 20          # PGD steps
     eval_restarts: int = 1        # >1: extra random starts; an example is robust only if no iterate of any start fools it
-    attack_batch: int = 4096      # images per PGD / inversion chunk (lower it when memory is short)
     # Ilyas Sec. 3.1: robust / non-robust datasets by representation inversion
-    inv_method: str = "fast"      # fast: Polyak step lengths, momentum 0.8 (see invert) | paper: plain steps of --inv-step
-    inv_steps: int = 150          # gradient steps on ||g(z) - g(x)||_2 (the paper: 1000)
-    inv_step: float = 1.0         # L2 step length, pixel units: fast: the longest step | paper: every step (0.1)
+    inv_method: str = knob("fast", ("fast", "paper"))  # fast: Polyak step lengths, momentum 0.8 | paper: 1000 plain steps of 0.1
+    inv_steps: int = 150          # gradient steps on ||g(z) - g(x)||_2 (--inv-method paper: 1000 unless given)
+    inv_step: float = 1.0         # L2 step length, pixel units: fast: the longest step | paper: every step (0.1 unless given)
     # Ilyas Sec. 3.2: relabelled adversarial datasets by targeted L2 PGD on the standard model
-    rel_eps: float = 0.5          # L2 radius, pixel units
+    rel_eps: float = knob(0.5, ">=0")  # L2 radius, pixel units
     rel_steps: int = 100          # PGD steps
     rel_step: float = 0.1         # L2 step length
-    con_epochs: int = 15          # epochs of each fresh model trained on D_R, D_NR, D_rand or D_det
     rel_lr: float = 0.1           # peak lr on D_rand (the paper: 0.01 there vs 0.1 elsewhere; see README, Deviations)
+    con_epochs: int = 15          # epochs of each fresh model trained on D_R, D_NR, D_rand or D_det
     dataset: str = ""             # train-on: folder with CIFAR_ims and CIFAR_lab (MadryLab's released layout)
+    export: str = ""              # also write each constructed dataset to EXPORT/NAME/{CIFAR_ims,CIFAR_lab} (float32)
     # Wallace's response: learning from a model's wrong labels
     mis_teacher_epochs: int = 2   # mislabeled: the weak teacher's schedule, in epochs (response: ResNet-18, 2 epochs)
-    mis_teacher_acc: float = 62.5  # mislabeled: ...and it stops once its accuracy on training images reaches this (%)
+    mis_teacher_acc: float = knob(62.5, "(0,100]")  # mislabeled: ...and it stops once its training accuracy reaches this (%)
     mis_epochs: int = 50          # mislabeled: epochs of the student trained on the teacher's errors only
     mnist_epochs: int = 3         # mnist-fashion: epochs of the MNIST CNN teacher and of each student
     mnist_batch: int = 128        # mnist-fashion: batch size
     mnist_lr: float = 0.05        # mnist-fashion: peak learning rate (same one-cycle schedule)
-    # Nakkiran's and Goh's responses; Ilyas Fig. 3
+    # Nakkiran's response; Goh's robust feature leakage; Ilyas Fig. 3
     bugs_k: int = 5               # bugs: ensemble size (Nakkiran: 10); costs K trainings and K+1 passes per attack step
     squares_n: int = 10000        # squares: training images (the test set is a tenth of it)
     squares_epochs: int = 20      # squares: epochs of the network that memorises the noisy labels (Adam, batch 128)
     squares_lr: float = 1e-5      # squares: Adam's constant learning rate (Nakkiran: 1e-5)
-    leak_eps: float = 1.0         # leakage: L2 radius of its adversarial training (0.5 left Spec 2 unmet: README)
+    leak_eps: float = knob(1.0, ">=0")  # leakage: L2 radius of its adversarial training (0.5 left Spec 2 unmet: README)
     leak_epochs: int = 10         # leakage: epochs of that linear classifier
     leak_lr: float = 0.002        # leakage: its peak lr (a linear model on 3072 correlated pixels diverges at 0.2)
-    transfer_source: str = "fastnet"  # transfer: architecture whose D_det and adversarial examples are used (paper: resnet50)
-    transfer_archs: str = "fastnet,resnet18,vgg16"  # transfer: architectures that learn from D_det / are attacked (+resnet50: README)
-    transfer_width: int = 0       # transfer: base width of the architectures other than the source (0 = --width)
+    transfer_source: str = knob("fastnet", ARCHS)  # transfer: architecture whose D_det and examples are used (paper: resnet50)
+    transfer_archs: tuple = knob(("fastnet", "resnet18", "vgg16"), ARCHS)  # transfer: architectures, the source among them
+    transfer_width: int = knob(0, "0 or >=2")  # transfer: base width of the architectures other than the source (0 = --width)
+    # Gilmer & Hendrycks: frequency
+    freq_high: int = 8            # frequency: the high-pass filter keeps the 2D frequencies with max(|kx|,|ky|) >= this
+    freq_low: int = knob(2, ">=0")  # frequency: the low-pass filter keeps max(|kx|,|ky|) <= this
+    freq_norm: float = 4.0        # frequency: L2 norm (pixel units) of each Fourier basis perturbation (Yin et al.: 4)
+    freq_images: int = 1000       # frequency: test images per Fourier basis image of the heat map (Yin et al.: 1000)
+    # Goh: two examples of useful, non-robust features (CIFAR-10 trucks vs frogs)
+    lin_eps: float = 0.25         # linear-features: L2 radius of robust usefulness
+    lin_robustness: float = 0.0037  # linear-features: the ensemble sums the eigenvectors less robust than this times the
+    #                               most robust one's (Goh's threshold, e^-9.115, was e^-5.6 = 0.0037 of his most robust)
+    lin_size: int = 32            # linear-features: image side after area downsampling (32: all 3072 values; quick: 8)
+    # Nakano: robust style transfer
+    style_eps: tuple = (0.25, 0.5)  # style: L2 radii of the layer robustness R(f), pixel units
+    style_steps: int = 20         # style: PGD steps of R(f)'s inner max
+    style_images: int = 1000      # style: test images that R(f) averages over
+    style_size: int = 64          # style: side of the stylised images (CIFAR content is upsampled to it)
+    style_iters: int = 300        # style: Adam steps of the style transfer
+    style_image: str = knob("", "file")    # style: the style image (JPEG, PNG, ...; default: a seeded texture)
+    content_image: str = knob("", "file")  # style: the content image (default: the first four CIFAR-10 test images)
 
 
-# Sizes by --scale, applied to every field a flag does not set. "full" is the defaults above (the paper's
-# sizes, with the deviations the README lists).
-# cpu: chosen by measurement on a 2-core CPU (README, "Laptop scale"): all of run_all.sh in < 45 minutes.
-# quick: tiny, so every experiment runs on a CPU in seconds; the code path is the same as the full run.
+# Sizes by --scale, applied to every field a flag does not set; "full" is the defaults above (README: Deviations).
+# cpu: chosen by measurement on a 2-core CPU (README, "Laptop scale"). quick: every experiment in seconds (the tests).
 SCALES = {
     "full": {},
     "cpu": dict(n_train=10000, n_test=2000, width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,
                 eval_steps=10, attack_batch=256, inv_steps=30, rel_eps=1.0, rel_steps=20, rel_step=0.125,
                 con_epochs=25, mis_teacher_epochs=8, mis_epochs=20, mnist_epochs=10, bugs_k=3, squares_n=2000,
-                squares_lr=3e-4, transfer_width=8),
+                squares_lr=3e-4, transfer_width=8, freq_images=200, style_images=200, style_steps=10, style_iters=150),
     "quick": dict(n_train=200, n_test=100, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
                   attack_batch=64, inv_steps=5, rel_steps=5, con_epochs=2, mis_teacher_epochs=1, mis_epochs=2,
-                  mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2),
+                  mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2,
+                  freq_images=4, lin_size=8, style_images=8, style_steps=2, style_size=32, style_iters=3),
 }
 
 
@@ -134,249 +175,17 @@ def log(msg):
     print(msg, flush=True)
 
 
-def why(e):
-    """An exception as one whole line: its type, and the first line of its message when it has one."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
-def seed_all(seed, stage):
-    """The one seeding helper, called before anything random is drawn. Each stage gets its own stream, so a
-    stage's output does not depend on whether the stages before it were computed now or loaded from disk."""
-    torch.manual_seed(zlib.crc32(f"{stage}:{seed}".encode()))
-
-
-def fingerprint(*tensors):
-    """The identity of the exact data a stage used: sha1 of the tensors' dtypes, shapes and bytes (10 hex digits)."""
-    h = hashlib.sha1()
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:10]
-
-
-def settings_key(settings):
-    """Short hash of a settings dict (plain values, nested dicts): names artifacts and runs."""
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def artifact(cfg, name, settings, ext="pt"):
-    """Where a stage's output lives: OUT/artifacts/NAME-sSEED-KEY.EXT, KEY a hash of everything that made it.
-    The one way advex keys an artifact."""
-    return os.path.join(cfg.out, "artifacts", f"{name}-s{cfg.seed}-{settings_key(settings)}.{ext}")
-
-
-def save_atomic(obj, path):
-    """torch.save (or text for str) to a temporary name, then rename: an interrupt never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    if isinstance(obj, str):
-        with open(tmp, "w") as f:
-            f.write(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_file(path, expect):
-    """torch.load with weights_only=True (plain tensors and values; no code is run), checked to be a dict with
-    the keys in `expect` ({key: type}). Anything else is one clear error naming the file."""
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign or pickled-object files all end here
-        raise AdvexError(f"cannot read {path} ({why(e)})") from None
-    bad = [k for k, t in expect.items() if not isinstance(d, dict) or not isinstance(d.get(k), t)]
-    if bad:
-        raise AdvexError(f"{path} is not what advex wrote here (missing or wrong: {', '.join(bad)})")
-    return d
-
-
-def fmt_time(s):
-    return f"{s:.0f}s" if s < 90 else f"{s / 60:.1f}m"
-
-
-class Progress:
-    """Prints `[name] done/total unit, rate/s, ETA` at most every `every` seconds, and at the end."""
-
-    def __init__(self, name, total, unit="img", every=10.0):
-        self.name, self.total, self.unit, self.every = name, total, unit, every
-        self.t0 = self.last = time.time()
-
-    def __call__(self, done, extra=""):
-        now = time.time()
-        if now - self.last < self.every and done < self.total:
-            return
-        self.last, el = now, now - self.t0
-        rate = done / max(el, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        log(f"[{self.name}] {done}/{self.total} {self.unit} {rate:,.0f} {self.unit}/s "
-            f"elapsed {fmt_time(el)} ETA {fmt_time(eta)}{extra}")
-
-
-# Where the time goes (the stage table at the end of run_all.sh). WORK counts forward-pass equivalents of
-# one image: a forward pass 1, an attack step 2 (forward + input gradient), a training step 3.
-WORK = {"fwd": 0}
-STAGES = []  # this process's timed stages; main() adds them to results.json
-
-
-def note_stage(name, t0, work0, model=None, loaded=False):
-    """Record a stage that began at time t0 with WORK at work0: seconds, forward equivalents, TFLOP."""
-    work = WORK["fwd"] - work0
-    STAGES.append(dict(stage=name, seconds=round(time.time() - t0, 3), work=work, loaded=loaded,
-                       tflop=round(work * getattr(model, "gflop", 0.0) / 1e3, 4), time=time.time()))
-
-
-def gflop(model, x):
-    """GFLOP of one forward pass of one input shaped like x[0]: 2 x the multiply-adds of every conv and linear
-    layer, what torch's FlopCounterMode counts (without importing torch._dynamo, a second of start-up)."""
-    flops = []
-
-    def count(m, inputs, out):
-        per_output = m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.in_features
-        flops.append(2 * out.numel() * per_output)
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(to_float(x[:1]))
-    model.train(was)
-    for h in hooks:
-        h.remove()
-    return sum(flops) / 1e9
-
-
-# =============================================================================================
-# Data: each split loaded once into uint8 tensors; floats in [0,1] are made on the device per batch
-# =============================================================================================
+# =====================================================================================================================
+# Data: each split lives in one uint8 tensor on the device (loaded once: Files); floats in [0,1] are made per batch
+# =====================================================================================================================
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR_BATCH = 10000  # images in each of the six official batch files (the tests write smaller ones)
-CIFAR_FILES = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-               "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-               "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}  # md5
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def to_float(x):
     """uint8 [0,255] -> float32 [0,1]; fp16 / fp32 images (constructed datasets) -> float32 as they are."""
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-
-
-def _md5(path):
-    with open(path, "rb") as f:
-        return hashlib.md5(f.read()).hexdigest()
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """The official CIFAR-10 batches are Python 2 pickles of a dict of strings, one numpy uint8 array and lists
-    of ints: numpy's array reconstruction is the only code they need. Anything else a file names (os.system,
-    ...) is refused before it can run."""
-    SAFE = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.SAFE:
-            raise AdvexError(f"refuses to load {module}.{name}: a CIFAR-10 batch holds only arrays, lists and strings")
-        return super().find_class(module, name)
-
-
-def _download(dataset, root):
-    """torchvision's download of CIFAR10 / MNIST / FashionMNIST into root (torchvision is imported only here and
-    for figures: it costs a second of start-up). On failure say so, and remove root if the attempt created it."""
-    existed = os.path.exists(root)
-    try:
-        import torchvision
-        getattr(torchvision.datasets, dataset)(root, download=True)
-    except Exception as e:
-        log(f"advex: {dataset} download failed ({why(e)})")
-        if not existed:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def load_cifar10(root, download=True, warn=True):
-    """CIFAR-10 from ROOT/cifar-10-batches-py (torchvision's layout), downloading it when missing and allowed.
-    A copy whose md5 sums differ from the official ones but whose format is right (e.g. one rebuilt from
-    JPEGs) is used, with a warning when `warn`. Each batch must hold CIFAR_BATCH uint8 images of 3072 values
-    and as many labels in 0..9. Returns uint8 (50000,3,32,32), int64 (50000,), uint8 (10000,3,32,32),
-    int64 (10000,) on the CPU."""
-    folder = os.path.join(root, "cifar-10-batches-py")
-    missing = lambda: [n for n in CIFAR_FILES if not os.path.isfile(os.path.join(folder, n))]
-    if missing() and download:
-        _download("CIFAR10", root)
-    if missing():
-        raise AdvexError(f"CIFAR-10 not found: {folder}/ lacks {', '.join(missing())} "
-                         f"(needs data_batch_1..5 and test_batch; see README, 'Data')")
-    if warn and any(_md5(os.path.join(folder, n)) != md5 for n, md5 in CIFAR_FILES.items()):
-        log(f"advex: warning: CIFAR-10 in {folder} differs from the official md5 sums (a re-encoded copy?); using it")
-    splits = []
-    for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
-        xs, ys = [], []
-        for name in names:
-            path = os.path.join(folder, name)
-            try:
-                with open(path, "rb") as f:
-                    d = _CifarUnpickler(f, encoding="latin1").load()  # the official files are Python 2 pickles
-                x, y = torch.as_tensor(d["data"]), torch.as_tensor(d["labels"])
-            except AdvexError as e:
-                raise AdvexError(f"CIFAR-10 file {path} {e}") from None
-            except Exception as e:
-                raise AdvexError(f"corrupt CIFAR-10 file {path}: not a batch dict with 'data' and 'labels' ({why(e)})") from None
-            problem = (f"pixels are {x.dtype}, not uint8" if x.dtype != torch.uint8 else
-                       f"data is {tuple(x.shape)}, not ({CIFAR_BATCH}, 3072)" if x.shape != (CIFAR_BATCH, 3072) else
-                       f"labels are {y.dtype} {tuple(y.shape)}, not {CIFAR_BATCH} integers"
-                       if y.dtype != torch.int64 or y.shape != (CIFAR_BATCH,) else
-                       f"labels run from {y.min().item()} to {y.max().item()}, not 0..9" if y.min() < 0 or y.max() > 9 else "")
-            if problem:
-                raise AdvexError(f"corrupt CIFAR-10 file {path}: {problem}")
-            xs.append(x.view(-1, 3, 32, 32))
-            ys.append(y)
-        splits += [torch.cat(xs), torch.cat(ys)]
-    return tuple(splits)
-
-
-def read_idx(path, dims):
-    """An IDX file (MNIST's format): magic 0x00 0x00 0x08 DIMS (uint8 data), DIMS big-endian uint32 sizes, data."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    head = 4 + 4 * dims
-    if len(raw) < head or raw[:4] != bytes([0, 0, 8, dims]):
-        raise AdvexError(f"{path} is not an IDX file of {dims}-d uint8 data (its first bytes are {raw[:4].hex() or 'missing'})")
-    shape = struct.unpack(f">{dims}I", raw[4:head])
-    if len(raw) - head != math.prod(shape):
-        raise AdvexError(f"{path} holds {len(raw) - head} bytes of data; its header says {math.prod(shape)} (truncated?)")
-    return torch.frombuffer(bytearray(raw[head:]), dtype=torch.uint8).view(*shape)
-
-
-def load_mnist(root, fashion=False, download=True):
-    """MNIST or Fashion-MNIST from ROOT/{MNIST,FashionMNIST}/raw (torchvision's layout: IDX files), downloading
-    them when missing and allowed. Returns uint8 (60000,1,28,28), int64 (60000,), uint8 (10000,1,28,28),
-    int64 (10000,)."""
-    name = "FashionMNIST" if fashion else "MNIST"
-    raw = os.path.join(root, name, "raw")
-    missing = lambda: [f for f in MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
-    if missing() and download:
-        _download(name, root)
-    if missing():
-        raise AdvexError(f"{name} not found: {raw}/ lacks {', '.join(missing())}")
-    out = []
-    for split in ("train", "t10k"):
-        x = read_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), 3)
-        y = read_idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), 1).long()
-        if x.shape[1:] != (28, 28) or len(x) != len(y) or y.min() < 0 or y.max() > 9:
-            raise AdvexError(f"corrupt {name} files in {raw}/: images {tuple(x.shape)}, {len(y)} labels in "
-                             f"{y.min().item()}..{y.max().item()}")
-        out += [x.unsqueeze(1).contiguous(), y]
-    return tuple(out)
-
-
-def first_n(n, size, flag):
-    """How many of `size` images a --n-train / --n-test of n means: 0 = all; more than there are: all, said."""
-    if n > size:
-        log(f"advex: --{flag} {n} is more than the {size} images there; using {size}")
-    return min(n, size) if n else size
 
 
 def augment_batch(x, pad=4):
@@ -391,12 +200,20 @@ def augment_batch(x, pad=4):
     return xp[torch.arange(B, device=x.device).view(B, 1, 1), :, rows, cols].permute(0, 3, 1, 2)  # (B,H,W,C) -> NCHW
 
 
-# =============================================================================================
+def seed_all(seed, stream):
+    """The one seeding helper, called before anything random is drawn. Each stage gets its own stream, so a
+    stage's output does not depend on whether the stages before it were computed now or read from disk."""
+    torch.manual_seed(zlib.crc32(f"{stream}:{seed}".encode()))
+
+
+# =====================================================================================================================
 # Models: pixels in [0,1] -> normalise -> body -> g(x) (B, D) -> head -> logits (B, classes)
-# =============================================================================================
+# =====================================================================================================================
 
 class Net(nn.Module):
-    """Base of every advex model: normalisation is part of the model, so attacks work in pixel space."""
+    """Base of every advex model: normalisation is part of the model, so attacks work in pixel space.
+    `stage_ends`: the indices of `body` after which a stage (the stem, each block) ends (Nakano's layers)."""
+    stage_ends = ()
 
     def __init__(self, mean=None, std=None):
         super().__init__()
@@ -418,12 +235,12 @@ def conv_bn(cin, cout, act=nn.GELU, stride=1):
 class FastNet(Net):
     """~2M-parameter CIFAR net in the spirit of airbench (Jordan 2024): a conv stem, then three blocks of
     conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (widths w, 4w, 4w), global max-pool."""
+    stage_ends = (0, 5, 10, 15)
 
     def __init__(self, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD):
         super().__init__(mean, std)
-        w = (width, 4 * width, 4 * width)
         layers, cin = [conv_bn(3, width // 2)], width // 2
-        for c in w:
+        for c in (width, 4 * width, 4 * width):
             layers += [nn.Conv2d(cin, c, 3, 1, 1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c), nn.GELU(),
                        conv_bn(c, c)]
             cin = c
@@ -437,7 +254,8 @@ class FastNet(Net):
 
 
 class Block(nn.Module):
-    """ResNet block (He et al. 2016): basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1 with 4x expansion)."""
+    """ResNet block (He et al. 2016): basic (two 3x3 convs) or bottleneck (1x1, 3x3 with the stride, 1x1 with 4x
+    expansion), the parameter order of MadryLab's and RobustBench's CIFAR ResNets (Files: their checkpoints load)."""
 
     def __init__(self, cin, w, stride, bottleneck):
         super().__init__()
@@ -469,6 +287,7 @@ class ResNet(Net):
                 cin = width * 2 ** i * (4 if bottleneck else 1)
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(cin, classes)
+        self.stage_ends = tuple(itertools.accumulate([0, *depths]))  # the stem, then the end of each group
 
     def features(self, x):  # (B,3,32,32) -> (B,8w) or (B,32w)
         return self.body(self.normalize(x)).mean(dim=(2, 3))
@@ -482,13 +301,11 @@ class VGG(Net):
         plan = [1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M"]  # widths in units of w
         layers, cin = [], 3
         for p in plan:
-            if p == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers.append(conv_bn(cin, p * width, nn.ReLU))
-                cin = p * width
+            layers.append(nn.MaxPool2d(2) if p == "M" else conv_bn(cin, p * width, nn.ReLU))
+            cin = cin if p == "M" else p * width
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(cin, classes)
+        self.stage_ends = tuple(i for i, p in enumerate(plan) if p == "M")
 
     def features(self, x):  # (B,3,32,32) -> (B,8w)
         return self.body(self.normalize(x)).flatten(1)
@@ -520,40 +337,8 @@ class LinearNet(Net):
         return self.normalize(x).flatten(1)
 
 
-class BatchedLinear(nn.Module):
-    """S independent linear layers applied at once: x (S*N, din) -> (S*N, dout), the s-th block of N rows
-    through the s-th weight. Lets toy2d train one MLP per seed, 100 seeds in one batched matmul."""
-
-    def __init__(self, S, din, dout):
-        super().__init__()
-        bound = 1 / math.sqrt(din)  # nn.Linear's default initialisation
-        self.weight = nn.Parameter(torch.empty(S, din, dout).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(S, 1, dout).uniform_(-bound, bound))
-
-    def forward(self, x):
-        S, din, dout = self.weight.shape
-        return torch.baddbmm(self.bias, x.view(S, -1, din), self.weight).view(-1, dout)
-
-
-class ToyMLP(Net):
-    """2D MLP of the Wallace toy: 2 -> h -> h -> 2 with ReLU, one independent copy per seed (S copies).
-    Inputs are points in the plane; no normalisation (they are already in [0,1]). Rows are seed-major, so
-    anything that feeds it must keep all S*N rows together (BatchedLinear splits them by seed)."""
-
-    def __init__(self, S=1, hidden=64, classes=2):
-        super().__init__()
-        self.body = nn.Sequential(BatchedLinear(S, 2, hidden), nn.ReLU(), BatchedLinear(S, hidden, hidden), nn.ReLU())
-        self.head = BatchedLinear(S, hidden, classes)
-
-    def features(self, x):  # (S*N, 2) -> (S*N, h)
-        return self.body(x)
-
-
-ARCHS = ("fastnet", "resnet18", "resnet50", "vgg16")
-
-
 def make_model(arch, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD):
-    """A model by name (CIFAR-sized: 32x32x3 inputs in [0,1], unless mean/std say otherwise)."""
+    """A fresh model by name (CIFAR-sized: 32x32x3 inputs in [0,1], unless mean/std say otherwise)."""
     if arch == "fastnet":
         return FastNet(width, classes, mean, std)
     if arch in ("resnet18", "resnet50"):
@@ -567,48 +352,17 @@ def make_model(arch, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD):
     raise AdvexError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
-def maybe_compile(model, x, enabled):
-    """--compile: torch.compile the model's body when x is on CUDA (the state_dict keys stay as they are: only
-    the bound forward is replaced). A forward/backward probe on two of x's images, in eval mode so BatchNorm's
-    statistics are not touched, catches a compiler that fails; the model then stays eager."""
-    if not (enabled and x.device.type == "cuda" and hasattr(model, "body")):
-        return model
-    was = model.training
-    try:
-        model.body.forward = torch.compile(model.body.forward)
-        model.eval()
-        probe = to_float(x[:2]).requires_grad_(True)
-        torch.autograd.grad(model(probe).float().sum(), probe)
-    except Exception as e:
-        log(f"advex: torch.compile failed ({why(e)}); running eagerly")
-        vars(model.body).pop("forward", None)
-    model.train(was)
-    return model
+def stages(model, x, upto=None):
+    """Nakano's layers: the activations after each stage of model.body (the stem, then each block or group of
+    blocks), [(B, C_s, H_s, W_s)], computed up to stage `upto` (default: all). Any input size."""
+    out, h = [], model.normalize(x)
+    last = model.stage_ends[-1 if upto is None else upto]
+    for i, layer in enumerate(model.body[:last + 1]):
+        h = layer(h)
+        if i in model.stage_ends:
+            out.append(h)
+    return out
 
-
-def save_model(model, path, arch, settings, epochs_done):
-    """Checkpoint = state_dict + arch + the settings that trained it + the epochs it trained (it may have
-    stopped early): plain values and tensors, so it loads with weights_only."""
-    save_atomic({"state_dict": model.state_dict(), "arch": arch, "settings": json.dumps(settings),
-                 "epochs_done": float(epochs_done)}, path)
-
-
-def load_model(model, path, arch):
-    """Load a checkpoint written by save_model into `model` (sets model.epochs_done)."""
-    ckpt = load_file(path, {"state_dict": dict, "arch": str, "epochs_done": float})
-    if ckpt["arch"] != arch:
-        raise AdvexError(f"{path} holds a {ckpt['arch']!r} model, not {arch!r}")
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise AdvexError(f"{path} does not fit this {arch} model ({why(e)})") from None
-    model.epochs_done = ckpt["epochs_done"]
-    return model
-
-
-# =============================================================================================
-# Attacks: projected gradient descent (Madry et al. 2018) in pixel space
-# =============================================================================================
 
 def autocast(device, enabled=True):
     """bf16 autocast for a model's forward pass on CUDA; a no-op on the CPU (fp32 there) or when not enabled."""
@@ -617,8 +371,8 @@ def autocast(device, enabled=True):
 
 @torch.no_grad()
 def over_set(model, fn, x, batch=4096, amp=True):
-    """fn(x_batch) over a whole set in chunks, in eval mode (the model's mode is restored), under bf16
-    autocast on CUDA when amp. x: (N, ...) uint8 or float images -> torch.cat of fn's outputs."""
+    """fn(x_batch) over a whole set in chunks, in eval mode (the model's mode is restored), under bf16 autocast on
+    CUDA when amp. x: (N, ...) uint8 or float images -> torch.cat of fn's outputs."""
     was = model.training
     model.eval()
     out = []
@@ -626,10 +380,22 @@ def over_set(model, fn, x, batch=4096, amp=True):
         xb = to_float(x[i:i + batch])
         with autocast(xb.device, amp):
             out.append(fn(xb))
-        WORK["fwd"] += len(xb)
     model.train(was)
     return torch.cat(out)
 
+
+def predict(model, x, batch=4096):
+    """Argmax predictions (N,)."""
+    return over_set(model, lambda xb: model(xb).argmax(dim=1), x, batch)
+
+
+def accuracy(model, x, y, batch=4096):
+    return (predict(model, x, batch) == y).float().mean().item()
+
+
+# =====================================================================================================================
+# Attacks: projected gradient descent (Madry et al. 2018) in pixel space
+# =====================================================================================================================
 
 def ce_objective(model, targeted=False):
     """pgd's default objective. Untargeted: ascend CE(model(x'), y); success = the prediction is not y.
@@ -644,7 +410,6 @@ def ce_objective(model, targeted=False):
             logits = model(xa).float()
             loss = sign * F.cross_entropy(logits, y, reduction="none")
         grad = torch.autograd.grad(loss.sum(), xa)[0] if need_grad else None
-        WORK["fwd"] += len(xa) * (2 if need_grad else 1)
         pred = logits.argmax(1)
         return loss.detach(), grad, (pred == y) if targeted else (pred != y)
 
@@ -749,9 +514,9 @@ def nontransferable_objective(target, members):
     return objective
 
 
-# =============================================================================================
+# =====================================================================================================================
 # Inversion: robust-feature datasets (Ilyas et al. Sec. 3.1)
-# =============================================================================================
+# =====================================================================================================================
 
 def features(model, x, batch=4096):
     """g(x) for a whole set, fp32 throughout (no autocast): (N, ...) -> (N, D)."""
@@ -761,17 +526,13 @@ def features(model, x, batch=4096):
 def invert(model, x, x0, steps, step, method="fast", batch=4096, name=""):
     """Ilyas et al. Sec. 3.1: for each target x, find z in [0,1]^d whose representation matches x's,
     z = argmin ||g(z) - g(x)||_2, starting from x0, with no eps-ball, only the [0,1] clamp. This is PGD with an
-    infinite radius on the loss -||g(z) - g(x)||^2 (the square has the same descent direction and a zero
-    gradient at z = x, so x0 = x stays put), keeping each example's best iterate, so the result is never
-    worse than x0. No bf16 autocast: its ~0.4% error would blur the small distances this drives to (on
-    CUDA, convolutions and matmuls take TF32 inputs, as everywhere in advex: ~5e-4 relative rounding).
+    infinite radius on the loss -||g(z) - g(x)||^2 (the square has the same descent direction), keeping each
+    example's best iterate, so the result is never worse than x0. No bf16 autocast: its ~0.4% error would blur
+    the small distances this drives to.
       method 'paper': `steps` L2-normalised gradient steps of length `step` (the paper: 1000 of 0.1).
       method 'fast': Polyak step lengths, min(step, 0.5 * f / ||grad f||) with f = ||g(z) - g(x)||^2, along a
-        heavy-ball momentum (0.8) of normalised gradients. On real CIFAR-10 with trained sources, 150 steps
-        reach a lower median and p95 distance than the paper's 1000 steps of 0.1 and end within ~20% of its
-        distance from x0 (README, "Inversion in 150 steps"). The distance from x0 matters as much as the feature
-        match: long fixed steps also match g(x) closely but wander ~20 L2 from x0 (the paper's: ~3 for a
-        standard source), and a model trained on such a D_NR learns nothing that transfers to real images.
+        heavy-ball momentum (0.8) of normalised gradients: 150 steps match g(x) more closely than the paper's
+        1000 and end about as far from x0 (README, "Inversion in 150 steps"; test_advex.py checks both).
     x, x0: (N, C, H, W) in [0,1]. Returns z (N, C, H, W) fp32 and the relative distance
     ||g(z) - g(x)|| / ||g(x)|| (N,), the construction's quality."""
     if method not in ("fast", "paper"):
@@ -783,7 +544,6 @@ def invert(model, x, x0, steps, step, method="fast", batch=4096, name=""):
         with torch.set_grad_enabled(need_grad):
             loss = -(model.features(z).float() - target).pow(2).sum(dim=1)
         grad = torch.autograd.grad(loss.sum(), z)[0] if need_grad else None
-        WORK["fwd"] += len(z) * (2 if need_grad else 1)
         return loss.detach(), grad, torch.zeros(len(z), dtype=torch.bool, device=z.device)
 
     fast = method == "fast"
@@ -799,17 +559,17 @@ def random_other(n, device="cpu"):
     return (torch.arange(n, device=device) + torch.randint(1, n, (n,), device=device)) % n
 
 
-# =============================================================================================
+# =====================================================================================================================
 # Relabelling (Ilyas et al. Sec. 3.2; Wallace's response)
-# =============================================================================================
+# =====================================================================================================================
 
 def relabel_targets(y, rule, classes=10):
     """Targets of the relabelled adversarial datasets, Ilyas Sec. 3.2.
     'det':  t = (y + 1) mod C, a deterministic shift: every robust feature now points to the wrong class.
-    'rand': t ~ Uniform{0..C-1}, independent of y, as the paper writes it. About 1 in C draws t = y; such
-            an example's label is no evidence of anything (it was drawn without looking at y), so it
-            carries no more label information than the rest; it is only a weaker attack (no class to
-            leave). We keep the paper's rule and report the fooling rate over t != y."""
+    'rand': t ~ Uniform{0..C-1}, independent of y, as the paper writes it. About 1 in C draws t = y; such an
+            example's label was drawn without looking at y, so it carries no more label information than the rest;
+            it is only a weaker attack (no class to leave). We keep the paper's rule and report the fooling rate
+            over t != y."""
     if rule == "det":
         return (y + 1) % classes
     if rule == "rand":
@@ -826,60 +586,14 @@ def keep_wrong(model, x, y, batch=4096):
     return x[keep], pred[keep], keep
 
 
-def save_dataset(path, images, labels, settings, **extra):
-    """A constructed dataset: fp16 images (uint8 would round by 1/255, ~13% of an L2 eps of 0.5 spread
-    over 3072 pixels' worth of small changes), int64 labels, the settings that made it, extra tensors."""
-    if images.dim() != 4 or len(images) != len(labels):
-        raise AdvexError(f"dataset {path}: images {tuple(images.shape)} and {len(labels)} labels do not match")
-    save_atomic({"images": images.half().cpu(), "labels": labels.long().cpu(), "settings": json.dumps(settings),
-                 **{k: v.cpu() for k, v in extra.items()}}, path)
-
-
-def load_dataset(path):
-    d = load_file(path, {"images": torch.Tensor, "labels": torch.Tensor, "settings": str})
-    if d["images"].dim() != 4 or len(d["images"]) != len(d["labels"]):
-        raise AdvexError(f"{path} is not what advex wrote here (images and labels do not match)")
-    d["settings"] = json.loads(d["settings"])
-    return d
-
-
-def load_released(folder):
-    """A dataset in the layout MadryLab released for Ilyas et al.: FOLDER/CIFAR_ims (float images in
-    [0,1], (N,3,32,32)) and FOLDER/CIFAR_lab ((N,) class indices), each a tensor or a list of tensors
-    saved with torch.save. Returns float32 images and int64 labels on the CPU."""
-    parts = []
-    for name in ("CIFAR_ims", "CIFAR_lab"):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise AdvexError(f"released dataset: {path} not found (expected CIFAR_ims and CIFAR_lab in {folder})")
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AdvexError(f"released dataset: cannot read {path} ({why(e)})") from None
-        if isinstance(t, (list, tuple)) and t and all(isinstance(u, torch.Tensor) for u in t):
-            t = torch.cat([u.reshape(-1, *u.shape[1:]) if u.dim() else u.view(1) for u in t])
-        if not isinstance(t, torch.Tensor):
-            raise AdvexError(f"released dataset: {path} holds {type(t).__name__}, not a tensor or list of tensors")
-        parts.append(t)
-    ims, lab = parts
-    if ims.dim() != 4 or ims.shape[1:] != (3, 32, 32) or not ims.is_floating_point():
-        raise AdvexError(f"released dataset: CIFAR_ims is {ims.dtype} {tuple(ims.shape)}, expected float (N,3,32,32)")
-    if lab.dim() != 1 or len(lab) != len(ims) or lab.is_floating_point() and (lab != lab.round()).any():
-        raise AdvexError(f"released dataset: CIFAR_lab is {lab.dtype} {tuple(lab.shape)}, expected ({len(ims)},) class indices")
-    lab = lab.long()
-    if not torch.isfinite(ims).all() or ims.min() < 0 or ims.max() > 1 or lab.min() < 0 or lab.max() > 9:
-        raise AdvexError("released dataset: images must be finite in [0,1] and labels in 0..9")
-    return ims.float(), lab
-
-
-# =============================================================================================
+# =====================================================================================================================
 # Training: SGD with Nesterov momentum and a one-cycle schedule (or Adam); optional L2 PGD adversarial training
-# =============================================================================================
+# =====================================================================================================================
 
 def train(model, x, y, epochs, batch, lr, momentum=0.9, wd=5e-4, augment=False, adv_eps=0.0, adv_steps=7,
           adv_step=0.1, optimizer="sgd", stop=None, name="train"):
     """Train in place with plain cross-entropy (as the paper and MadryLab do: no label smoothing).
-    x: (N, C, H, W) uint8 or float in [0,1] on the training device; y: (N,) int64.
+    x: (N, C, H, W) uint8 or float images on the training device; y: (N,) int64.
     optimizer 'sgd': Nesterov momentum, lr rising linearly to `lr` over the first 20% of the steps, then
       linearly to 0, which reaches good accuracy in few epochs. 'adam': Adam at a constant `lr`, no weight
       decay (Nakkiran's squares).
@@ -921,7 +635,6 @@ def train(model, x, y, epochs, batch, lr, momentum=0.9, wd=5e-4, augment=False, 
             loss.backward()
             opt.step()
             sched.step()
-            WORK["fwd"] += 3 * len(xb)
             loss_sum += loss.detach()
             s += 1
             last = i == steps_per_epoch - 1
@@ -940,18 +653,9 @@ def train(model, x, y, epochs, batch, lr, momentum=0.9, wd=5e-4, augment=False, 
     return float(epochs)
 
 
-# =============================================================================================
+# =====================================================================================================================
 # Evaluation
-# =============================================================================================
-
-def predict(model, x, batch=4096):
-    """Argmax predictions (N,)."""
-    return over_set(model, lambda xb: model(xb).argmax(dim=1), x, batch)
-
-
-def accuracy(model, x, y, batch=4096):
-    return (predict(model, x, batch) == y).float().mean().item()
-
+# =====================================================================================================================
 
 def robust_accuracy(model, x, y, eps, steps, step=None, restarts=1, norm="l2", batch=4096, name=""):
     """Share of examples that no untargeted PGD iterate of any restart misclassifies (the clean image is the
@@ -964,357 +668,144 @@ def robust_accuracy(model, x, y, eps, steps, step=None, restarts=1, norm="l2", b
     return 1 - fooled.float().mean().item()
 
 
+def linear_weights(model, shape):
+    """A LinearNet's logits as an exact affine map of pixels, in float64: f(x) = W x + b, W (C, D), b (C,)."""
+    W = model.head.weight.double() / model.std.double().expand(1, *shape).flatten(1)
+    return W, model.head.bias.double() - W @ model.mean.double().expand(1, *shape).flatten()
+
+
 @torch.no_grad()
 def linear_certified(model, x, labels, r):
     """Exact L2 certificates for a LinearNet: per example, True where no perturbation of L2 radius r (pixel
-    units) can make any class j beat `labels`. Logits f(x) = W (x - m) / s + b, so a perturbation d changes
-    f_l - f_j by (w_l - w_j) . (d / s), at most r * ||(w_l - w_j) / s||_2 (Cauchy-Schwarz, attained).
-    labels = y: certified robust accuracy (Goh's Spec 1); labels = the predictions: stability (Spec 2).
+    units) can make any class j beat `labels`. A perturbation d changes f_l - f_j by (w_l - w_j) . d, at most
+    r * ||w_l - w_j||_2 (Cauchy-Schwarz, attained). In float64, so no TF32 or bf16 rounding flips a borderline case.
+    labels = y: certified robust accuracy; labels = the predictions: stability (Goh's Spec 2).
     The [0,1] box is ignored, so both are lower bounds."""
-    W = model.head.weight / model.std.expand(1, *x.shape[1:]).flatten(1)  # (C, D): the weights in pixel units
-    f = model(to_float(x)).float()  # (N, C)
+    W, b = linear_weights(model, x.shape[1:])
+    f = to_float(x).double().flatten(1) @ W.T + b  # (N, C)
     margin = f.gather(1, labels[:, None]) - f  # (N, C), 0 at j = label
     reach = r * (W[labels][:, None, :] - W[None, :, :]).norm(dim=2)  # (N, C), 0 at j = label
     return ((margin > reach) | (torch.arange(f.shape[1], device=x.device) == labels[:, None])).all(dim=1)
+
+
+@torch.no_grad()
+def linear_robust_usefulness(model, x, y, eps):
+    """Goh's Spec 1 (Robust Feature Leakage), exact for a linear model: the robust usefulness of each of its C
+    linear features f_i for each class c, gamma_ic = E[y_c f_i(x)] - eps ||w_i|| / sd_i, with f_i centred and
+    scaled to unit variance on x (Ilyas et al.'s normalisation, sd_i its standard deviation) and y_c = +1 on class c,
+    -1 elsewhere: E[inf over ||d||_2 <= eps of y_c f_i(x + d)] (the [0,1] box ignored). Returns (C, C) float64."""
+    W, b = linear_weights(model, x.shape[1:])
+    f = to_float(x).double().flatten(1) @ W.T + b  # (N, C)
+    mu, sd = f.mean(0), f.std(0).clamp_min(1e-12)
+    yc = 2.0 * (y[:, None] == torch.arange(f.shape[1], device=y.device)).double() - 1  # (N, C) labels +-1 per class
+    useful = ((f - mu) / sd).T @ yc / len(f)  # (C features, C classes)
+    return useful - (eps * W.norm(dim=1) / sd)[:, None]
 
 
 def eval_attacks(cfg):
     """The attacks every robust accuracy is measured with: untargeted L2 PGD at each --eval-eps with
     --eval-steps steps of 2.5*eps/steps, and the paper's own (Ilyas et al.: 7 steps of eps/5, eps 0.25)."""
     attacks = {f"robust acc L2 {e:g}": dict(norm="l2", eps=e, steps=cfg.eval_steps, step=round(2.5 * e / cfg.eval_steps, 6),
-                                            restarts=cfg.eval_restarts) for e in parse_floats(cfg.eval_eps)}
+                                            restarts=cfg.eval_restarts) for e in cfg.eval_eps}
     attacks["robust acc L2 0.25, 7 steps of eps/5"] = dict(norm="l2", eps=0.25, steps=7, step=0.05, restarts=1)
     return attacks
 
 
 def evaluate(cfg, model, x, y):
-    """Standard accuracy and robust accuracy under each attack of eval_attacks, computed once per model, test
-    set and attack and then read from OUT/artifacts: [(metric, value %, attack settings)]."""
+    """Standard accuracy and robust accuracy under each attack of eval_attacks, computed once per model, test set
+    and attack: [(metric, value %, attack settings)]."""
     attacks = eval_attacks(cfg)
-    settings = dict(model=model.settings, test=fingerprint(x, y), attacks=attacks)
-    path = artifact(cfg, "eval", settings, "json")
-    t0, w0 = time.time(), WORK["fwd"]
-    if os.path.isfile(path):
-        try:
-            values = json.load(open(path))
-            assert isinstance(values, dict) and all(isinstance(values[m], float) for m in ["standard acc", *attacks])
-        except Exception:
-            raise AdvexError(f"{path} is not what advex wrote here; delete it to evaluate again") from None
-        note_stage(f"eval {model.name}", t0, w0, model, loaded=True)
-    else:
-        seed_all(cfg.seed, "eval")  # random restarts
+
+    def run():
         values = {"standard acc": 100 * accuracy(model, x, y, cfg.attack_batch)}
         for metric, a in attacks.items():
             values[metric] = 100 * robust_accuracy(model, x, y, a["eps"], a["steps"], a["step"], a["restarts"],
                                                    batch=cfg.attack_batch, name=f"eval {model.name}: {metric}")
-        save_atomic(json.dumps(values), path)
-        note_stage(f"eval {model.name}", t0, w0, model)
+        return values
+
+    values = stage(cfg, "eval", run, dict(attacks=attacks), inputs=(x, y), models=(model,), title=f"eval {model.name}")
     return [("standard acc", values["standard acc"], {})] + [(m, values[m], a) for m, a in attacks.items()]
 
 
-# =============================================================================================
-# Results: OUT/results.json (every number, the run settings behind it, stage times) and OUT/results.md
-# (the table beside the paper's numbers, the run settings, and a verdict for each claim)
-# =============================================================================================
-
-def run_settings(cfg):
-    """The settings of a run that can change its numbers: every Config field but where things are, the device,
-    the seed (recorded on its own) and the report's --since."""
-    where = {"data", "out", "download", "device", "compile", "seed", "seeds", "since"}
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in where}
-
-
-RUNS = {}  # run key -> run settings of this process's records; main() adds them to results.json
-
-
-def make_record(run, seed, arch, experiment, metric, value, paper=None, **settings):
-    """One number. Its identity is (experiment, metric, arch, seed, run), run being the key of the settings
-    of the run that made it: a rerun with the same settings replaces it, a run with other settings adds a row."""
-    RUNS[settings_key(run)] = run
-    return dict(experiment=experiment, metric=metric, value=round(float(value), 4), paper=paper, seed=seed,
-                arch=arch, scale=run.get("scale", ""), run=settings_key(run), settings=settings)
-
-
-def record(cfg, experiment, metric, value, paper=None, arch=None, **settings):
-    """A number of an advex experiment; cfg holds the n_train / n_test actually used."""
-    return make_record(run_settings(cfg), cfg.seed, arch or cfg.arch, experiment, metric, value, paper, **settings)
-
-
-def read_results(out):
-    path = os.path.join(out, "results.json")
-    if not os.path.isfile(path):
-        return dict(records=[], runs={}, stages=[])
-    try:
-        with open(path) as f:
-            res = json.load(f)
-        assert isinstance(res["records"], list) and isinstance(res["runs"], dict) and isinstance(res["stages"], list)
-        assert all({"experiment", "metric", "value", "seed", "arch", "run"} <= set(r) for r in res["records"])
-    except Exception:
-        raise AdvexError(f"{path} is not an advex results file (unreadable, or written by another version); "
-                         f"move it away or choose another --out") from None
-    return res
-
-
-def write_results(out, records, runs, stages=()):
-    """Merge records (and the settings of their runs, and stage times) into OUT/results.json; rewrite results.md."""
-    res = read_results(out)
-    ident = lambda r: (r["experiment"], r["metric"], r["arch"], r["seed"], r["run"])
-    new = {ident(r) for r in records}
-    res["records"] = [r for r in res["records"] if ident(r) not in new] + list(records)
-    res["runs"].update(runs)
-    res["stages"] += list(stages)
-    save_atomic(json.dumps(res, indent=1), os.path.join(out, "results.json"))
-    table = results_table(res)
-    save_atomic(table, os.path.join(out, "results.md"))
-    return table
-
-
-def groups(records):
-    """Records grouped by (experiment, metric, arch, run), in order of each group's latest record: one group
-    holds the seeds of one setting, never numbers made with different settings."""
-    g = {}
-    for r in records:
-        k = (r["experiment"], r["metric"], r["arch"], r["run"])
-        g[k] = g.pop(k, []) + [r]
-    return g
-
-
-def mean_std(rs):
-    v = torch.tensor([r["value"] for r in rs], dtype=torch.float64)
-    return v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
-
-
-def results_table(res):
-    lines = ["# advex results", "",
-             "Mean ± std over seeds (n). One row per experiment, metric, architecture and run settings (the `run` "
-             "column; what each run changed from the full-size defaults is listed below the table).", "",
-             "| experiment | metric | arch | run | ours | n | paper | settings |", "|---|---|---|---|---|---|---|---|"]
-    g = groups(res["records"])
-    for (exp, metric, arch, run), rs in g.items():
-        m, s = mean_std(rs)
-        ours = f"{m:.2f}" + (f" ± {s:.2f}" if len(rs) > 1 else "")
-        paper = "" if rs[-1]["paper"] is None else f"{rs[-1]['paper']:g}"
-        sets = ", ".join(f"{k} {v}" for k, v in rs[-1]["settings"].items())
-        lines.append(f"| {exp} | {metric} | {arch} | {run} | {ours} | {len(rs)} | {paper} | {sets} |")
-    lines += ["", "| run | scale | settings that differ from the full-size defaults |", "|---|---|---|"]
-    defaults = dataclasses.asdict(Config())
-    for run in dict.fromkeys(k[3] for k in g):
-        s = res["runs"].get(run, {})
-        diff = ", ".join(f"{k} {v}" for k, v in s.items() if k != "scale" and defaults.get(k, None) != v)
-        lines.append(f"| {run} | {s.get('scale', '')} | {diff or 'none'} |")
-    lines += ["", "## Claims", "",
-              "Each claim of the paper and the responses, its criterion, our values (the latest run of each "
-              "experiment, mean over its seeds) and the verdict.", "",
-              "| claim | criterion | ours | verdict |", "|---|---|---|---|"]
-    for claim, criterion, ours, verdict in check_claims(res["records"]):
-        lines.append(f"| {claim} | {criterion} | {ours} | {verdict} |")
-    return "\n".join(lines) + "\n"
-
+# =====================================================================================================================
+# Experiments. Each takes (cfg, device) and returns records (record(): one number, its metric and attack settings).
+# =====================================================================================================================
 
 RA = "robust acc L2 0.25"
+# The published numbers ours are printed beside, by (experiment, metric) or (experiment, metric, arch).
+PAPER = {  # Ilyas et al. Table 1 / Fig. 2 (the standard model's 4.5% is under the paper's 7 steps of eps/5; Fig. 3: ResNet-50 source)
+    ("standard", "standard acc"): 95.3, ("standard", "robust acc L2 0.25, 7 steps of eps/5"): 4.5,
+    ("robust", "standard acc"): 90.8, ("robust", RA): 82.3, ("d_r", "standard acc"): 84.10, ("d_r", RA): 48.27,
+    ("d_nr", "standard acc"): 87.68, ("d_nr", RA): 0.82, ("d_rand", "standard acc"): 63.3, ("d_det", "standard acc"): 43.7,
+    ("transfer", "D_det-trained test acc", "resnet18"): 41, ("transfer", "D_det-trained test acc", "resnet50"): 45,
+    ("transfer", "D_det-trained test acc", "vgg16"): 28, ("transfer", "transfer rate", "resnet18"): 92,
+    ("transfer", "transfer rate", "resnet50"): 100, ("transfer", "transfer rate", "vgg16"): 66,
+    # Wallace: CIFAR-10 (ResNet-18), MNIST -> Fashion-MNIST, the 2D toy (one seed)
+    ("mislabeled", "teacher epochs trained"): 2, ("mislabeled", "teacher train acc"): 62.5,
+    ("mislabeled", "teacher test acc"): 63.1, ("mislabeled", "student test acc"): 49.7,
+    ("mnist-fashion", "teacher MNIST test acc"): 99.1, ("mnist-fashion", "student MNIST test acc (own stats)"): 91.04,
+    ("mnist-fashion", "student MNIST test acc (mnist stats)"): 94.5, ("toy2d", "model 2: original points right, median"): 23,
+    # Nakkiran: attack success, transfer, and a model trained on the set (true / shifted labels); the squares
+    **{(f"bugs {n} {m}", metric): v for (n, m), vs in {
+        ("l2", "pgd"): (99.9, 82.5, 33.2, 27.3), ("l2", "bugs"): (99.3, 1.7, 2.8, 70.8),
+        ("linf", "pgd"): (99.6, 52.1, 23.7, 40.4), ("linf", "bugs"): (98.6, 0.8, 2.5, 75.9)}.items()
+       for metric, v in zip(("attack success on target", "transfer to fresh model", "trained-on: test acc, true labels",
+                             "trained-on: test acc, shifted labels"), vs)},
+    ("squares", "linear: flipped by Linf 0.89"): 0, ("squares", "net memorising: train acc"): 99.9,
+    # Goh, robust feature leakage (his deep model on the same D_rand: 88%)
+    ("leakage", "robust linear: stable predictions L2 0.25"): 80, ("leakage", "linear on features, trained on d_rand"): 23.5,
+    ("leakage", "linear on features, trained on d_det"): 6.81, ("leakage", "deep model trained on d_rand: test acc"): 88,
+}
 
 
-def spearman(a, b):
-    """Spearman rank correlation of two equal-length lists (no ties expected)."""
-    ra, rb = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return (ra * rb).sum().item() / max(1e-12, (ra.norm() * rb.norm()).item())
-
-
-def _fig3(v):
-    acc, tr = v("transfer", "D_det-trained test acc", all_archs=True), v("transfer", "transfer rate", all_archs=True)
-    archs = sorted(acc)
-    if len(archs) < 3:
-        raise KeyError("fewer than 3 architectures")
-    return [spearman([tr[a] for a in archs], [acc[a] for a in archs])]
-
-
-# (claim, criterion, values(v) -> list of numbers, test(*values) -> bool). v(experiment, metric) is our number
-# (the latest run's mean over seeds); a KeyError means the experiment has not run: NOT RUN.
-CLAIMS = [
-    ("Ilyas: a standard model is accurate but not robust", "standard acc > 70; robust acc < 10 (paper's attack, 7 steps of eps/5)",
-     lambda v: [v("standard", "standard acc"), v("standard", "robust acc L2 0.25, 7 steps of eps/5")],
-     lambda a, r: a > 70 and r < 10),
-    ("Ilyas: adversarial training makes a robust model", "robust model: robust acc > 60",
-     lambda v: [v("robust", RA)], lambda r: r > 60),
-    ("Ilyas 3.1: robust features alone give robustness; non-robust ones none", "D_NR robust acc < 5 and D_R robust acc > 30",
-     lambda v: [v("d_nr", RA), v("d_r", RA)], lambda nr, r: nr < 5 and r > 30),
-    ("Ilyas 3.1: D_R and D_NR both generalise to the real test set", "standard acc > 70 for both",
-     lambda v: [v("d_r", "standard acc"), v("d_nr", "standard acc")], lambda r, nr: r > 70 and nr > 70),
-    ("Ilyas 3.2: non-robust features alone generalise", "D_rand > 20 and D_det > 15 (chance: 10)",
-     lambda v: [v("d_rand", "standard acc"), v("d_det", "standard acc")], lambda r, d: r > 20 and d > 15),
-    ("Ilyas 3.2: D_rand is learnt better than D_det", "D_rand acc > D_det acc",
-     lambda v: [v("d_rand", "standard acc"), v("d_det", "standard acc")], lambda r, d: r > d),
-    ("Ilyas Fig. 3: models learn more from D_det where its examples transfer", "Spearman(transfer rate, D_det acc) >= 0.8 over architectures",
-     _fig3, lambda rho: rho >= 0.8),
-    ("Wallace: a model learns from a teacher's errors alone", "student test acc > 30 (chance: 10)",
-     lambda v: [v("mislabeled", "student test acc")], lambda a: a > 30),
-    ("Wallace: an MNIST teacher's labels on Fashion images teach MNIST", "student MNIST acc > 80 with both normalisations",
-     lambda v: [v("mnist-fashion", "student MNIST test acc (own stats)"), v("mnist-fashion", "student MNIST test acc (mnist stats)")],
-     lambda a, b: a > 80 and b > 80),
-    ("Wallace: the 2D toy learns from flipped points alone", "median over seeds > 16 of 32 original points right",
-     lambda v: [v("toy2d", "model 2: original points right, median")], lambda m: m > 16),
-    ("Nakkiran: his examples do not transfer; plain PGD's do", "transfer < 5 for his, > 20 for plain PGD (L2 and Linf)",
-     lambda v: [v(f"bugs {n} {m}", "transfer to fresh model") for n in ("l2", "linf") for m in ("bugs", "pgd")],
-     lambda b2, p2, bi, pi: b2 < 5 and bi < 5 and p2 > 20 and pi > 20),
-    ("Nakkiran: a model trained on his examples learns nothing of the true labels; plain PGD's does",
-     "true-label test acc <= 15 for his, >= 20 for plain PGD (L2 and Linf)",
-     lambda v: [v(f"bugs {n} {m}", "trained-on: test acc, true labels") for n in ("l2", "linf") for m in ("bugs", "pgd")],
-     lambda b2, p2, bi, pi: b2 <= 15 and bi <= 15 and p2 >= 20 and pi >= 20),
-    ("Nakkiran: on adversarial squares a linear model is robust, a memorising net is not", "linear flipped at Linf 0.89 = 0; net flipped at Linf 0.01 > 50",
-     lambda v: [v("squares", "linear: flipped by Linf 0.89"), v("squares", "net memorising: flipped by Linf 0.01")],
-     lambda lin, net: lin == 0 and net > 50),
-    ("Goh: his features are robustly useful and stable (Specs 1 and 2)", "certified acc at L2 0.25 > 10; >= 80 of predictions certified stable",
-     lambda v: [v("leakage", "robust linear: certified acc L2 0.25"), v("leakage", "robust linear: stable predictions L2 0.25")],
-     lambda c, s: c > 10 and s >= 80),
-    ("Goh: robust features leak into D_rand, not into D_det", "linear on robust features: D_rand acc > D_det acc",
-     lambda v: [v("leakage", "linear on features, trained on d_rand"), v("leakage", "linear on features, trained on d_det")],
-     lambda r, d: r > d),
-]
-
-
-def check_claims(records):
-    """[(claim, criterion, our values, HOLDS | FAILS | NOT RUN)] over the latest run of each experiment."""
-    g = groups(records)
-
-    def v(experiment, metric, all_archs=False):
-        keys = [k for k in g if k[:2] == (experiment, metric)]
-        if not keys:
-            raise KeyError(experiment)
-        if not all_archs:
-            return mean_std(g[keys[-1]])[0]
-        run = keys[-1][3]
-        return {k[2]: mean_std(g[k])[0] for k in keys if k[3] == run}
-
-    out = []
-    for claim, criterion, values, test in CLAIMS:
-        try:
-            vals = values(v)
-        except KeyError:
-            out.append((claim, criterion, "", "NOT RUN"))
-            continue
-        out.append((claim, criterion, ", ".join(f"{x:.3g}" for x in vals), "HOLDS" if test(*vals) else "FAILS"))
-    return out
-
-
-def stage_table(stages, wall=None):
-    """Where the time went: one row per stage (those read from disk summed into one row each), its share of
-    the total, its work in forward-pass equivalents of one image, TFLOP and throughput. wall: the whole run's
-    wall time; what the stages do not cover (process start-up, data loading, small steps) gets a row."""
-    rows = {}
-    for s in stages:
-        r = rows.setdefault((s["stage"], s["loaded"]), dict(s, seconds=0.0, work=0, tflop=0.0, n=0))
-        r["seconds"] += s["seconds"]
-        r["work"] += s["work"]
-        r["tflop"] += s["tflop"]
-        r["n"] += 1
-    covered = sum(r["seconds"] for r in rows.values())
-    total = max(wall or 0.0, covered) or 1e-9
-    lines = ["| stage | device | seconds | share | M img-fwd | TFLOP | TFLOP/s | img-fwd/s |", "|---|---|---|---|---|---|---|---|"]
-    for (name, loaded), r in rows.items():
-        t = max(r["seconds"], 1e-9)
-        name = f"{name}: read from disk" + (f" x{r['n']}" if r["n"] > 1 else "") if loaded else name
-        lines.append(f"| {name} | {r.get('device', '')} | {r['seconds']:.1f} | {100 * r['seconds'] / total:.1f}% | "
-                     f"{r['work'] / 1e6:.3f} | {r['tflop']:.2f} | {r['tflop'] / t:.2f} | {r['work'] / t:,.0f} |")
-    if wall:
-        lines.append(f"| other: start-up, data loading, small steps | | {total - covered:.1f} | "
-                     f"{100 * (total - covered) / total:.1f}% | | | | |")
-    lines.append(f"| total | | {total:.1f} | 100% | {sum(r['work'] for r in rows.values()) / 1e6:.3f} | "
-                 f"{sum(r['tflop'] for r in rows.values()):.2f} | | |")
-    return "\n".join(lines) + "\n"
-
-
-def parse_floats(s):
-    return [float(v) for v in str(s).split(",") if v.strip()]
-
-
-# =============================================================================================
-# Experiments. Each takes (cfg, device) and returns records; main() writes them.
-# =============================================================================================
-
-def cifar(cfg, dev):
-    """CIFAR-10 on the device: the first --n-train training and --n-test test images, uint8 (N,3,32,32),
-    int64 labels. Returns cfg with n_train / n_test set to the numbers used, and (xtr, ytr, xte, yte)."""
-    seen = os.path.join(cfg.out, "artifacts", f".cifar-checked-{settings_key(os.path.abspath(cfg.data))}")
-    xtr, ytr, xte, yte = load_cifar10(cfg.data, cfg.download, warn=not os.path.isfile(seen))
-    save_atomic("md5 sums checked; a warning, if any, was printed once\n", seen)
-    ntr, nte = first_n(cfg.n_train, len(xtr), "n-train"), first_n(cfg.n_test, len(xte), "n-test")
-    return (dataclasses.replace(cfg, n_train=ntr, n_test=nte),
-            (xtr[:ntr].to(dev), ytr[:ntr].to(dev), xte[:nte].to(dev), yte[:nte].to(dev)))
-
-
-def train_settings(cfg, adversarial=False, **over):
-    """Everything but the data that determines a trained model; trained() adds the data's fingerprint."""
-    s = dict(arch=cfg.arch, width=cfg.width, seed=cfg.seed, batch=cfg.batch, lr=cfg.lr, momentum=cfg.momentum,
-             wd=cfg.wd, augment=cfg.augment, epochs=cfg.adv_epochs if adversarial else cfg.epochs)
+def recipe(cfg, adversarial=False, **over):
+    """What makes a trained model besides its data and seed: the architecture and the schedule (adversarial: Ilyas
+    App. C). Optional: optimizer ('adam'), stop_acc (%, on 2000 training images), stop_epochs, classes, norm."""
+    r = dict(arch=cfg.arch, width=cfg.width, batch=cfg.batch, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
+             augment=cfg.augment, epochs=cfg.adv_epochs if adversarial else cfg.epochs)
     if adversarial:
-        s.update(adv_eps=cfg.adv_eps, adv_steps=cfg.adv_steps, adv_step=cfg.adv_step)
-    s.update(over)
-    return s
+        r.update(adv_eps=cfg.adv_eps, adv_steps=cfg.adv_steps, adv_step=cfg.adv_step)
+    return dict(r, **over)
 
 
-MODELS = {}  # checkpoint path -> model, for this process: each model is trained or loaded once
+def train_model(cfg, dev, name, x, y, r):
+    """A fresh model trained on (x, y) with recipe r, in eval mode on dev (or the same model read back: stage)."""
+    def run():
+        model = new_model(r, dev)
+        maybe_compile(model, x, cfg.compile)
+        stop = None
+        if "stop_acc" in r:  # Wallace's weak teacher; checked on training images only, never on test data
+            stop = lambda e: 100 * accuracy(model, x[:2000], y[:2000], cfg.attack_batch) >= r["stop_acc"]
+        if "stop_epochs" in r:
+            stop = lambda e: e >= r["stop_epochs"]
+        done = train(model, x, y, r["epochs"], r["batch"], r["lr"], r["momentum"], r["wd"], r["augment"],
+                     r.get("adv_eps", 0.0), r.get("adv_steps", 0), r.get("adv_step", 0.0), r.get("optimizer", "sgd"),
+                     stop, name)
+        return checkpoint(model, r, done)
 
-
-def trained(cfg, dev, name, x, y, settings):
-    """Train a fresh model on (x, y) with `settings` (see train_settings), or load the checkpoint that these
-    settings and this exact data already produced: the key holds the data's fingerprint, so a model trained on
-    a constructed dataset inherits, through the dataset's bytes, everything that made it. Optional settings:
-    optimizer ('adam'), stop_acc (stop once 2000 training images are classified this well, %), stop_epochs
-    (stop after that many epochs of the full schedule), classes, norm ((mean, std)).
-    Returns the model in eval mode on dev, with .settings (its key's contents), .name, .gflop, .epochs_done."""
-    settings = dict(settings, data=fingerprint(x, y))
-    path = artifact(cfg, name, settings)
-    if path in MODELS:  # already in this process (e.g. the standard model, source of three datasets)
-        return MODELS[path]
-    seed_all(cfg.seed, name)  # before the model is built: its initial weights come from this stream
-    model = make_model(settings["arch"], settings["width"], settings.get("classes", 10),
-                       *settings.get("norm", (CIFAR_MEAN, CIFAR_STD))).to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model.settings, model.name, model.gflop = settings, f"{name} ({settings['arch']})", gflop(model, x)
-    t0, w0 = time.time(), WORK["fwd"]
-    if os.path.isfile(path):
-        log(f"[{name}] loading {path}")
-        load_model(model, path, settings["arch"])
-        note_stage(model.name, t0, w0, model, loaded=True)
-        MODELS[path] = maybe_compile(model.eval(), x, cfg.compile)
-        return model
-    maybe_compile(model, x, cfg.compile)
-    stop = None
-    if "stop_acc" in settings:  # Wallace's weak teacher; checked on training images only, never on test data
-        stop = lambda e: 100 * accuracy(model, x[:2000], y[:2000], cfg.attack_batch) >= settings["stop_acc"]
-    if "stop_epochs" in settings:
-        stop = lambda e: e >= settings["stop_epochs"]
-    model.epochs_done = train(model, x, y, settings["epochs"], settings["batch"], settings["lr"], settings["momentum"],
-                              settings["wd"], settings["augment"], settings.get("adv_eps", 0.0),
-                              settings.get("adv_steps", 0), settings.get("adv_step", 0.0),
-                              settings.get("optimizer", "sgd"), stop, name)
-    save_model(model, path, settings["arch"], settings, model.epochs_done)
-    note_stage(model.name, t0, w0, model)
-    log(f"[{name}] trained in {fmt_time(time.time() - t0)} ({model.epochs_done:g} epochs); saved {path}")
-    MODELS[path] = model
+    title = f"{name} ({r['arch']})"
+    ck = stage(cfg, name, run, r, inputs=(x, y), title=title)
+    model = maybe_compile(new_model(r, dev, ck["state_dict"]), x, cfg.compile)
+    model.name, model.key, model.epochs_done, model.file = title, ck["key"], ck["epochs_done"], ck["file"]
     return model
 
 
 def standard_model(cfg, dev, data):
-    return trained(cfg, dev, "standard", data[0], data[1], train_settings(cfg))
+    """Ilyas et al.'s standard model: trained on D (or --standard-from: the paper's own, MadryLab's cifar_nat.pt)."""
+    if cfg.standard_from:
+        return external_model(cfg.standard_from, "standard", dev)
+    return train_model(cfg, dev, "standard", data[0], data[1], recipe(cfg))
 
 
 def robust_model(cfg, dev, data):
-    return trained(cfg, dev, "robust", data[0], data[1], train_settings(cfg, adversarial=True))
-
-
-# Ilyas et al. (Table 1 / Fig. 2, Sec. 3): the numbers beside which ours are printed. The standard model's 4.5%
-# is under the paper's own 7 steps of eps/5; MadryLab's stronger PGD gives that model 7-9%.
-PAPER = {("standard", "standard acc"): 95.3, ("standard", "robust acc L2 0.25, 7 steps of eps/5"): 4.5,
-         ("robust", "standard acc"): 90.8, ("robust", RA): 82.3,
-         ("d_r", "standard acc"): 84.10, ("d_r", RA): 48.27, ("d_nr", "standard acc"): 87.68, ("d_nr", RA): 0.82,
-         ("d_rand", "standard acc"): 63.3, ("d_det", "standard acc"): 43.7}
+    """The robust model: L2 adversarial training on D (or --robust-from: MadryLab's cifar_l2_0_5.pt)."""
+    if cfg.robust_from:
+        return external_model(cfg.robust_from, "robust", dev)
+    return train_model(cfg, dev, "robust", data[0], data[1], recipe(cfg, adversarial=True))
 
 
 def eval_records(cfg, experiment, model, data, **extra):
-    return [record(cfg, experiment, m, v, PAPER.get((experiment, m)), **s, **extra)
+    return [record(cfg, experiment, m, v, arch=model.key.get("arch"), **s, **extra)
             for m, v, s in evaluate(cfg, model, data[2], data[3])]
 
 
@@ -1330,192 +821,161 @@ def exp_robust(cfg, dev):
     return eval_records(cfg, "robust", robust_model(cfg, dev, data), data)
 
 
-def save_grid(path, rows, row_names, col_names, scale=3):
-    """PNG of image rows (each (n, C, H, W) in [0,1]) with row names on the left and column names on top."""
-    from PIL import Image, ImageDraw
-    n, (_, H, W), pad = len(rows[0]), rows[0].shape[1:], 2
-    grid = torch.ones(3, len(rows) * (H + pad) + pad, n * (W + pad) + pad)  # white between the images
-    for i, r in enumerate(rows):
-        for j, img in enumerate(r.float().cpu().clamp(0, 1)):
-            grid[:, pad + i * (H + pad):(i + 1) * (H + pad), pad + j * (W + pad):(j + 1) * (W + pad)] = img.expand(3, H, W)
-    im = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
-    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    left, top = 90, 16
-    canvas = Image.new("RGB", (im.width + left, im.height + top), "white")
-    canvas.paste(im, (left, top))
-    draw = ImageDraw.Draw(canvas)
-    cell = im.width / n
-    for j, c in enumerate(col_names):
-        draw.text((left + j * cell + 4, 2), str(c)[:10], fill="black")
-    for i, r in enumerate(row_names):
-        draw.text((4, top + (i + 0.45) * im.height / len(rows)), r, fill="black")
-    save_png(canvas, path)
+# ---------------------------------------------------------------------------------------- Ilyas et al. Sec. 3
+
+def inverted_set(src, x, y, name, *, inv_method, inv_steps, inv_step, attack_batch):
+    """Sec. 3.1: every training image x is replaced by an image z whose representation g(z) matches g(x), found
+    from a *different*, randomly drawn training image x0, and z keeps x's label y. g of the robust model gives
+    D_R, of the standard model D_NR. Also kept: each start image's index, the source's prediction on z."""
+    j = random_other(len(x), x.device)
+    z, rel = invert(src, x, x[j], inv_steps, inv_step, inv_method, attack_batch, name=f"invert {name}")
+    return dict(images=z, labels=y, start=j, rel_dist=rel, src_pred=predict(src, z, attack_batch))
 
 
-def save_png(image, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    image.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+def relabelled_set(src, x, y, name, *, rule, rel_eps, rel_steps, rel_step, attack_batch):
+    """Sec. 3.2: targeted L2 PGD on the standard model towards t (relabel_targets), and the result relabelled t:
+    what is left to learn from are the non-robust features of t. Keeps the true labels and the source's predictions
+    (its fooling rate). The highest-loss (here: closest to t) iterate, as MadryLab's use_best."""
+    t = relabel_targets(y, rule)
+    xa, _ = pgd(src, x, t, rel_eps, rel_steps, step=rel_step, targeted=True, batch=attack_batch, name=f"pgd {name}")
+    return dict(images=xa, labels=t, true=y, src_pred=predict(src, xa, attack_batch))
 
 
-def construct(cfg, name, settings, build, source):
-    """A constructed dataset named by its settings (which hold its source model's settings and its input data's
-    fingerprint): load it if it exists, else build() -> (images, labels, info dict of tensors), save it (fp16
-    images, int64 labels, settings) and return the loaded dict."""
-    path = artifact(cfg, name, settings)
-    t0, w0 = time.time(), WORK["fwd"]
-    if os.path.isfile(path):
-        log(f"[{name}] loading {path}")
-        ds = load_dataset(path)
-        note_stage(f"{name} ({settings['source']['arch']})", t0, w0, source, loaded=True)
-        return ds
-    seed_all(cfg.seed, name)
-    images, labels, info = build()
-    info["wall_s"] = torch.tensor(time.time() - t0)
-    save_dataset(path, images, labels, settings, **info)
-    note_stage(f"{name} ({settings['source']['arch']})", t0, w0, source)
-    log(f"[{name}] built in {fmt_time(time.time() - t0)}; saved {path}")
-    return load_dataset(path)
+# Sec. 3's constructed training sets, one row each: the source model, the procedure (called with the source, the
+# training images and labels, its fixed arguments and the Config fields named by its keyword arguments), and how the
+# recipe of the fresh model trained on it differs from the standard one (App. C: D_rand at --rel-lr; D_det without
+# augmentation, since its labels depend on the exact perturbation). Every fresh model trains for --con-epochs.
+CONSTRUCTIONS = {
+    "d_r": (robust_model, inverted_set, {}, lambda cfg: {}),
+    "d_nr": (standard_model, inverted_set, {}, lambda cfg: {}),
+    "d_rand": (standard_model, relabelled_set, {"rule": "rand"}, lambda cfg: {"lr": cfg.rel_lr}),
+    "d_det": (standard_model, relabelled_set, {"rule": "det"}, lambda cfg: {"augment": False}),
+}
 
 
-def build_inverted(cfg, dev, data, name):
-    """D_R (name 'd_r', g of the robust model) or D_NR ('d_nr', g of the standard model), Ilyas Sec. 3.1.
-    Keeps, per image, the start image's index and the source model's prediction on the result."""
+def construct(cfg, dev, data, name, source=None):
+    """One row of CONSTRUCTIONS built from the training images (or read back): a dict with images (fp16: exact to
+    ~5e-4, where uint8 would round by ~0.06 of L2 over an image), labels and what the procedure also keeps."""
+    source_model, build, fixed, _ = CONSTRUCTIONS[name]
+    src = source or source_model(cfg, dev, data)
+    knobs = {p: getattr(cfg, p) for p in inspect.signature(build).parameters if p in CONFIG_FIELDS}
     x, y = data[0], data[1]
-    src = (robust_model if name == "d_r" else standard_model)(cfg, dev, data)
-    settings = dict(source=src.settings, data=fingerprint(x, y), inv_method=cfg.inv_method, inv_steps=cfg.inv_steps,
-                    inv_step=cfg.inv_step)
-
-    def build():
-        j = random_other(len(x), device=x.device)  # start image: a different training image, drawn at random
-        z, rel = invert(src, x, x[j], cfg.inv_steps, cfg.inv_step, cfg.inv_method, cfg.attack_batch, name=f"invert {name}")
-        return z, y, dict(start=j, rel_dist=rel, src_pred=predict(src, z, cfg.attack_batch))
-
-    return construct(cfg, name, settings, build, src)
-
-
-def build_relabelled(cfg, dev, data, name):
-    """D_rand ('d_rand') or D_det ('d_det'), Ilyas Sec. 3.2: targeted L2 PGD on the standard model towards t,
-    relabelled t. Keeps the true labels and the source model's predictions on the result (its fooling rate)."""
-    x, y = data[0], data[1]
-    src = standard_model(cfg, dev, data)
-    rule = name.removeprefix("d_")
-    settings = dict(source=src.settings, data=fingerprint(x, y), rule=rule, rel_eps=cfg.rel_eps,
-                    rel_steps=cfg.rel_steps, rel_step=cfg.rel_step)
-
-    def build():
-        t = relabel_targets(y, rule)
-        xa, _ = pgd(src, x, t, cfg.rel_eps, cfg.rel_steps, step=cfg.rel_step, targeted=True, batch=cfg.attack_batch,
-                    name=f"pgd {name}")  # the highest-loss (here: closest to t) iterate, as MadryLab's use_best
-        return xa, t, dict(true=y, src_pred=predict(src, xa, cfg.attack_batch))
-
-    return construct(cfg, name, settings, build, src)
+    run = lambda: {k: v.half() if k == "images" else v for k, v in build(src, x, y, name, **fixed, **knobs).items()}
+    settings = dict(procedure=build.__name__, **fixed, **{k: v for k, v in knobs.items() if k not in WHERE})
+    return stage(cfg, name, run, settings, inputs=(x, y), models=(src,),
+                 title=f"{name} from {src.name}")
 
 
 def constructed_model(cfg, dev, name, ds):
-    """A fresh cfg.arch model trained on a constructed dataset with the recipe of the paper's Sec. 3 and App. C:
-    standard training for --con-epochs (non-robust features take longer to fit than robust ones); D_rand at
-    --rel-lr; D_det without augmentation, since its labels depend on the exact perturbation. Nakkiran's sets
-    ('bugs-...') as he trained them: like a standard model (--epochs), without augmentation."""
-    over = dict(epochs=cfg.epochs if name.startswith("bugs") else cfg.con_epochs, source=ds["settings"])
-    if name == "d_rand":
-        over["lr"] = cfg.rel_lr
-    if name.startswith(("d_det", "bugs")):
-        over["augment"] = False
-    return trained(cfg, dev, f"{name}-model", ds["images"].to(dev), ds["labels"].to(dev), train_settings(cfg, **over))
-
-
-def dataset_grid(cfg, name, data, ds, n=10):
-    """PNG: original x, start x0 (inversions only), constructed image; columns named by label."""
-    x, y = data[0], data[1]
-    idx = torch.arange(min(n, len(x)))
-    rows, names = [to_float(x[idx])], ["original x"]
-    if "start" in ds:
-        rows.append(to_float(x[ds["start"][idx].to(x.device)]))
-        names.append("start x0")
-    rows.append(ds["images"][idx].float())
-    names.append(f"{name} image")
-    cols = [f"{CIFAR_CLASSES[a]}>{CIFAR_CLASSES[b]}" if a != b else CIFAR_CLASSES[a]
-            for a, b in zip(y[idx].tolist(), ds["labels"][idx].tolist())]
-    save_grid(os.path.join(cfg.out, f"{name}.png"), rows, names, cols)
+    """A fresh cfg.arch model trained on a constructed set with the recipe of its row of CONSTRUCTIONS."""
+    r = recipe(cfg, epochs=cfg.con_epochs, **CONSTRUCTIONS[name][3](cfg))
+    return train_model(cfg, dev, f"{name}-model", ds["images"].to(dev), ds["labels"].to(dev), r)
 
 
 def construction_records(cfg, name, ds):
-    """How well a constructed dataset was made. Inversions: the relative feature distance, and the source
-    model's accuracy on the images against their label y and against the start image's label (the paper's
-    construction should give ~100% / ~10%: the start image's content must not survive). Relabelled sets: the
-    fooling rate, the share of images the source classifies as their target t, over t != y."""
+    """How well a constructed set was made. Inversions: the relative feature distance, and the source model's
+    accuracy on the images against their label y and against the start image's label (the paper's construction
+    should give ~100% / ~10%: the start image's content must not survive). Relabelled sets: the fooling rate, the
+    share of images the source classifies as their target t, over t != y."""
     y, pred = ds["labels"], ds["src_pred"]
-    recs = [record(cfg, name, "construction wall s", ds["wall_s"].item())]
     if "rel_dist" in ds:
         rel = ds["rel_dist"].float()
-        start_label = ds["true_start"] if "true_start" in ds else y[ds["start"]]
-        return recs + [
-            record(cfg, name, "inversion rel. dist median", rel.median().item(), method=cfg.inv_method,
-                   steps=cfg.inv_steps, step=cfg.inv_step),
-            record(cfg, name, "inversion rel. dist p95", rel.quantile(0.95).item()),
-            record(cfg, name, "source acc on images vs y", 100 * (pred == y).float().mean().item(), 100),
-            record(cfg, name, "source acc on images vs start's label", 100 * (pred == start_label).float().mean().item(), 10)]
+        return [record(cfg, name, "inversion rel. dist median", rel.median().item(), method=cfg.inv_method,
+                       steps=cfg.inv_steps, step=cfg.inv_step),
+                record(cfg, name, "inversion rel. dist p95", rel.quantile(0.95).item()),
+                record(cfg, name, "source acc on images vs y", 100 * (pred == y).float().mean().item(), 100),
+                record(cfg, name, "source acc on images vs start's label", 100 * (pred == y[ds["start"]]).float().mean().item(), 10)]
     other = y != ds["true"]
-    return recs + [
-        record(cfg, name, "fooling rate (t != y)", 100 * (pred == y)[other].float().mean().item(), None,
-               eps=cfg.rel_eps, steps=cfg.rel_steps, step=cfg.rel_step),
-        record(cfg, name, "share with t = y", 100 * (1 - other.float().mean().item()))]
+    return [record(cfg, name, "fooling rate (t != y)", 100 * (pred == y)[other].float().mean().item(),
+                   eps=cfg.rel_eps, steps=cfg.rel_steps, step=cfg.rel_step),
+            record(cfg, name, "share with t = y", 100 * (1 - other.float().mean().item()))]
 
 
 def exp_constructed(cfg, dev, name):
-    """Build one of D_R, D_NR, D_rand, D_det, train a fresh cfg.arch model on it, evaluate it on the real
-    CIFAR-10 test set (Ilyas et al. Sec. 3.1 / 3.2, Table 1 / Fig. 2)."""
+    """Build one of D_R, D_NR, D_rand, D_det, train a fresh cfg.arch model on it, evaluate it on the real CIFAR-10
+    test set (Ilyas et al. Sec. 3.1 / 3.2, Table 1 / Fig. 2)."""
     cfg, data = cifar(cfg, dev)
-    ds = (build_inverted if name in ("d_r", "d_nr") else build_relabelled)(cfg, dev, data, name)
+    ds = construct(cfg, dev, data, name)
     dataset_grid(cfg, name, data, ds)
+    export_dataset(cfg, name, ds)
     model = constructed_model(cfg, dev, name, ds)
-    s = model.settings
-    recs = construction_records(cfg, name, ds) + eval_records(cfg, name, model, data, lr=s["lr"], augment=s["augment"],
-                                                              epochs=s["epochs"])
+    r = model.key
+    recs = construction_records(cfg, name, ds) + eval_records(cfg, name, model, data, lr=r["lr"], augment=r["augment"],
+                                                              epochs=r["epochs"])
     if name == "d_det":  # high here means the model learnt D_det's robust features (y -> y+1), not its non-robust ones
-        recs.append(record(cfg, name, "test acc on shifted labels y+1", 100 * accuracy(model, data[2], (data[3] + 1) % 10, cfg.attack_batch)))
+        recs.append(record(cfg, name, "test acc on shifted labels y+1",
+                           100 * accuracy(model, data[2], (data[3] + 1) % 10, cfg.attack_batch)))
+    return recs
+
+
+def exp_ilyas(cfg, dev):
+    """Ilyas et al. Sec. 3 end to end: both source models, D_R, D_NR, D_rand, D_det, a fresh model on each."""
+    recs = exp_standard(cfg, dev) + exp_robust(cfg, dev)
+    for name in CONSTRUCTIONS:
+        recs += exp_constructed(cfg, dev, name)
+    figure_fig2(cfg, recs)
     return recs
 
 
 def exp_train_on(cfg, dev):
-    """Train a fresh model on a released dataset folder (CIFAR_ims / CIFAR_lab, e.g. MadryLab's d_robust_CIFAR)
-    and evaluate it on the real CIFAR-10 test set, so our constructions can be compared with theirs."""
+    """Train a fresh model on a released dataset folder (CIFAR_ims / CIFAR_lab: MadryLab's d_robust_CIFAR, or one
+    written by --export) with the standard recipe and evaluate it on the real CIFAR-10 test set."""
     ims, lab = load_released(cfg.dataset)
     cfg, data = cifar(cfg, dev)
     n = min(cfg.n_train, len(ims))
-    model = trained(cfg, dev, "train-on", ims[:n].to(dev), lab[:n].to(dev), train_settings(cfg))
+    model = train_model(cfg, dev, "train-on", ims[:n].to(dev), lab[:n].to(dev), recipe(cfg))
     return eval_records(cfg, f"train-on {os.path.basename(os.path.normpath(cfg.dataset))}", model, data)
 
 
-def exp_ilyas(cfg, dev):
-    """Ilyas et al. Sec. 3 end to end: both source models, D_R, D_NR, D_rand, D_det, four fresh models."""
-    recs = exp_standard(cfg, dev) + exp_robust(cfg, dev)
-    for name in ("d_r", "d_nr", "d_rand", "d_det"):
-        recs += exp_constructed(cfg, dev, name)
+def exp_transfer(cfg, dev):
+    """Ilyas Fig. 3: architectures that learn more from the source's D_det are those its adversarial examples
+    transfer to. D_det is built on the standard model of --transfer-source (the paper's: ResNet-50). For each
+    architecture: test accuracy after training on that D_det, and the share of D_det's targeted examples that a
+    standard model of it classifies as the target. As in the paper, the source's own row is self-transfer (the
+    source model itself is attacked: the paper's 100%); every other architecture's is an independently trained
+    standard model. The paper's numbers are attached only when the source is resnet50, as there."""
+    cfg, data = cifar(cfg, dev)
+    src_cfg = dataclasses.replace(cfg, arch=cfg.transfer_source)
+    source = standard_model(src_cfg, dev, data)
+    ds = construct(src_cfg, dev, data, "d_det", source)
+    xa, t = ds["images"].to(dev), ds["labels"].to(dev)
+    recs = []
+    for arch in cfg.transfer_archs:
+        acfg = dataclasses.replace(cfg, arch=arch, width=cfg.width if arch == cfg.transfer_source else
+                                   cfg.transfer_width or cfg.width)
+        attacked = source if arch == cfg.transfer_source else \
+            train_model(acfg, dev, "standard", data[0], data[1], recipe(acfg))
+        transfer = 100 * (predict(attacked, xa, cfg.attack_batch) == t).float().mean().item()
+        acc = 100 * accuracy(constructed_model(acfg, dev, "d_det", ds), data[2], data[3], cfg.attack_batch)
+        paper = lambda m: PAPER.get(("transfer", m, arch)) if cfg.transfer_source == "resnet50" else None
+        recs += [record(cfg, "transfer", "D_det-trained test acc", acc, paper("D_det-trained test acc"), arch,
+                        source=cfg.transfer_source),
+                 record(cfg, "transfer", "transfer rate", transfer, paper("transfer rate"), arch,
+                        source=cfg.transfer_source, self_transfer=arch == cfg.transfer_source)]
+    figure_transfer(cfg, recs)
     return recs
 
 
+# ---------------------------------------------------------------------------------------- Wallace (Distill 2019)
+
 def exp_mislabeled(cfg, dev):
-    """Wallace (Distill 2019): a deliberately weak teacher relabels the CIFAR-10 training set with its own
-    predictions; only the images it gets *wrong* are kept; a fresh model trained on them alone is tested on
-    the real test set. Response (ResNet-18, 2 epochs): teacher 62.5% train / 63.1% test, 18,768 kept, 49.7%.
-    Our teacher stops as soon as its accuracy on (2000) training images reaches --mis-teacher-acc (62.5), so
+    """Wallace, "Learning from Incorrectly Labeled Data": a deliberately weak teacher relabels the CIFAR-10 training
+    set with its own predictions; only the images it gets *wrong* are kept; a fresh model trained on them alone is
+    tested on the real test set. Response (ResNet-18, 2 epochs): teacher 62.5% train / 63.1% test, 18,768 kept,
+    49.7%. Our teacher stops as soon as its accuracy on (2000) training images reaches --mis-teacher-acc (62.5), so
     it is as weak as his whatever the architecture and scale (at most --mis-teacher-epochs)."""
     cfg, (x, y, xte, yte) = cifar(cfg, dev)
-    teacher = trained(cfg, dev, "mislabeled-teacher", x, y,
-                      train_settings(cfg, epochs=cfg.mis_teacher_epochs, stop_acc=cfg.mis_teacher_acc))
+    teacher = train_model(cfg, dev, "mislabeled-teacher", x, y,
+                          recipe(cfg, epochs=cfg.mis_teacher_epochs, stop_acc=cfg.mis_teacher_acc))
     xk, yk, keep = keep_wrong(teacher, x, y, cfg.attack_batch)
     log(f"[mislabeled] kept {len(xk)} of {len(x)} training images, all labelled with the teacher's wrong class")
-    student = trained(cfg, dev, "mislabeled-student", xk, yk,
-                      train_settings(cfg, epochs=cfg.mis_epochs, teacher=teacher.settings))
+    student = train_model(cfg, dev, "mislabeled-student", xk, yk, recipe(cfg, epochs=cfg.mis_epochs))
     e = "mislabeled"
-    return [record(cfg, e, "teacher epochs trained", teacher.epochs_done, 2, stop_acc=cfg.mis_teacher_acc),
-            record(cfg, e, "teacher train acc", 100 * (1 - keep.float().mean().item()), 62.5),
-            record(cfg, e, "teacher test acc", 100 * accuracy(teacher, xte, yte, cfg.attack_batch), 63.1),
+    return [record(cfg, e, "teacher epochs trained", teacher.epochs_done, stop_acc=cfg.mis_teacher_acc),
+            record(cfg, e, "teacher train acc", 100 * (1 - keep.float().mean().item())),
+            record(cfg, e, "teacher test acc", 100 * accuracy(teacher, xte, yte, cfg.attack_batch)),
             record(cfg, e, "kept (wrong) images", len(xk), 18768 if len(x) == 50000 else None, of=len(x)),
-            record(cfg, e, "student test acc", 100 * accuracy(student, xte, yte, cfg.attack_batch), 49.7,
-                   epochs=cfg.mis_epochs)]
+            record(cfg, e, "student test acc", 100 * accuracy(student, xte, yte, cfg.attack_batch), epochs=cfg.mis_epochs)]
 
 
 def fashion_as_mnist(xf, variant, mnist_mean=0.1307, mnist_std=0.3081):
@@ -1533,74 +993,66 @@ def fashion_as_mnist(xf, variant, mnist_mean=0.1307, mnist_std=0.3081):
 
 
 def exp_mnist_fashion(cfg, dev):
-    """Wallace (Distill 2019): an MNIST CNN labels the Fashion-MNIST training images (their own labels are
-    never read); a fresh CNN trained on those pairs is tested on MNIST. Response: teacher 99.1%, student
-    91.04% (Fashion normalised with its own statistics), 94.5% (with MNIST's)."""
-    xm, ym, xmt, ymt = load_mnist(cfg.data, False, cfg.download)
-    xf = load_mnist(cfg.data, True, cfg.download)[0]  # images only: Fashion's labels are not used
-    n = first_n(cfg.n_train, min(len(xm), len(xf)), "n-train")
-    cfg = dataclasses.replace(cfg, n_train=n, n_test=first_n(cfg.n_test, len(xmt), "n-test"))
-    xm, ym, xf = xm[:n].to(dev), ym[:n].to(dev), xf[:n].to(dev)
-    xmt, ymt = xmt[:cfg.n_test].to(dev), ymt[:cfg.n_test].to(dev)
-    mnist = dict(arch="mnist_cnn", width=0, seed=cfg.seed, batch=cfg.mnist_batch, lr=cfg.mnist_lr,
-                 momentum=cfg.momentum, wd=cfg.wd, augment=False, epochs=cfg.mnist_epochs)
-    teacher = trained(cfg, dev, "mnist-teacher", xm, ym, mnist)
+    """Wallace: an MNIST CNN labels the Fashion-MNIST training images (their own labels are never read); a fresh CNN
+    trained on those pairs is tested on MNIST. Response: teacher 99.1%, student 91.04% (Fashion normalised with its
+    own statistics), 94.5% (with MNIST's)."""
+    cfg, (xm, ym, xf, xmt, ymt) = mnist_and_fashion(cfg, dev)
+    mnist = dict(arch="mnist_cnn", width=0, batch=cfg.mnist_batch, lr=cfg.mnist_lr, momentum=cfg.momentum, wd=cfg.wd,
+                 augment=False, epochs=cfg.mnist_epochs)
+    teacher = train_model(cfg, dev, "mnist-teacher", xm, ym, mnist)
     e = "mnist-fashion"
-    recs = [record(cfg, e, "teacher MNIST test acc", 100 * accuracy(teacher, xmt, ymt, cfg.attack_batch), 99.1, "mnist_cnn",
+    recs = [record(cfg, e, "teacher MNIST test acc", 100 * accuracy(teacher, xmt, ymt, cfg.attack_batch), arch="mnist_cnn",
                    epochs=cfg.mnist_epochs)]
-    for variant, paper in (("own", 91.04), ("mnist", 94.5)):
+    for variant in ("own", "mnist"):
         xv = fashion_as_mnist(xf, variant)
         labels = predict(teacher, xv, cfg.attack_batch)  # the teacher's argmax labels on Fashion images
         hist = torch.bincount(labels, minlength=10).tolist()
         log(f"[{e}] Fashion-MNIST relabelled by the MNIST teacher ({variant} statistics): label histogram {hist}")
-        student = trained(cfg, dev, f"mnist-student-{variant}", xv, labels, dict(mnist, teacher=teacher.settings))
+        student = train_model(cfg, dev, f"mnist-student-{variant}", xv, labels, mnist)
         recs.append(record(cfg, e, f"student MNIST test acc ({variant} stats)", 100 * accuracy(student, xmt, ymt, cfg.attack_batch),
-                           paper, "mnist_cnn", label_hist=hist, epochs=cfg.mnist_epochs))
+                           arch="mnist_cnn", label_hist=hist, epochs=cfg.mnist_epochs))
     return recs
 
 
+# ---------------------------------------------------------------------------------------- Nakkiran (Distill 2019)
+
 def exp_bugs(cfg, dev):
-    """Nakkiran, "Adversarial Examples are Just Bugs, Too" (Distill 2019): adversarial examples made *not* to
-    transfer. Targeted PGD towards t = (y + 1) mod 10 on the target (the standard model) while an ensemble of
-    K independently trained models is kept on y (nontransferable_objective). Beside plain targeted PGD with
-    the same budget, report the attack success on the target, the transfer to a fresh model, and a fresh model
-    trained on the D_det-style set (x', t): test accuracy on the true and on the shifted labels. These "bugs"
-    carry no features that generalise; plain PGD examples do."""
+    """Nakkiran, "Adversarial Examples are Just Bugs, Too": adversarial examples made *not* to transfer. Targeted PGD
+    towards t = (y + 1) mod 10 on the target (the standard model) while an ensemble of K independently trained
+    models is kept on y (nontransferable_objective). Beside plain targeted PGD with the same budget, report the
+    attack success on the target, the transfer to a fresh model, and a fresh model trained on the D_det-style set
+    (x', t) as he trained it (like a standard model, without augmentation): test accuracy on the true and on the
+    shifted labels. These "bugs" carry no features that generalise; plain PGD examples do."""
     cfg, data = cifar(cfg, dev)
     x, y, xte, yte = data
     target = standard_model(cfg, dev, data)
-    members = [trained(cfg, dev, f"bugs-member{k}", x, y, train_settings(cfg, member=k)) for k in range(cfg.bugs_k)]
-    fresh = trained(cfg, dev, "bugs-fresh", x, y, train_settings(cfg, member="fresh"))
+    members = [train_model(cfg, dev, f"bugs-member{k}", x, y, recipe(cfg, member=k)) for k in range(cfg.bugs_k)]
+    fresh = train_model(cfg, dev, "bugs-fresh", x, y, recipe(cfg, member="fresh"))
     t = (y + 1) % 10
-    paper = {("l2", "pgd"): (99.9, 82.5, 33.2, 27.3), ("l2", "bugs"): (99.3, 1.7, 2.8, 70.8),
-             ("linf", "pgd"): (99.6, 52.1, 23.7, 40.4), ("linf", "bugs"): (98.6, 0.8, 2.5, 75.9)}
     recs = []
     for norm, eps, step in (("l2", 2.5, 0.5), ("linf", 8 / 255, 2 / 255)):
         for method in ("pgd", "bugs"):
-            name = f"bugs-{norm}-{method}"
-            settings = dict(source=target.settings, data=fingerprint(x, y), norm=norm, eps=eps, step=step, steps=10,
-                            members=[m.settings for m in members] if method == "bugs" else [])
+            name, ensemble = f"bugs-{norm}-{method}", members if method == "bugs" else []
 
-            def build():
+            def run():
                 if method == "pgd":
                     xa, _ = pgd(target, x, t, eps, 10, norm, step, targeted=True, batch=cfg.attack_batch, name=name)
                 else:
                     xa, _ = pgd(target, x, torch.stack([t, y], 1), eps, 10, norm, step, batch=cfg.attack_batch,
                                 objective=nontransferable_objective(target, members), name=name)
-                return xa, t, {}
+                return dict(images=xa.half(), labels=t)
 
-            ds = construct(cfg, name, settings, build, target)
+            ds = stage(cfg, name, run, dict(norm=norm, eps=eps, step=step, steps=10), inputs=(x, y),
+                       models=(target, *ensemble), title=f"{name} from {target.name}")
             xa = ds["images"].to(dev)
-            success = 100 * (predict(target, xa, cfg.attack_batch) == t).float().mean().item()
-            transfer = 100 * (predict(fresh, xa, cfg.attack_batch) == t).float().mean().item()
-            model = constructed_model(cfg, dev, name, ds)
-            p, e = paper[(norm, method)], f"bugs {norm} {method}"
-            recs += [record(cfg, e, "attack success on target", success, p[0], norm=norm, eps=round(eps, 5), steps=10,
-                            step=round(step, 5), k=len(settings["members"])),
-                     record(cfg, e, "transfer to fresh model", transfer, p[1]),
-                     record(cfg, e, "trained-on: test acc, true labels", 100 * accuracy(model, xte, yte, cfg.attack_batch), p[2]),
+            model = train_model(cfg, dev, f"{name}-model", xa, ds["labels"].to(dev), recipe(cfg, augment=False))
+            e = f"bugs {norm} {method}"
+            recs += [record(cfg, e, "attack success on target", 100 * (predict(target, xa, cfg.attack_batch) == t).float().mean().item(),
+                            norm=norm, eps=round(eps, 5), steps=10, step=round(step, 5), k=len(ensemble)),
+                     record(cfg, e, "transfer to fresh model", 100 * (predict(fresh, xa, cfg.attack_batch) == t).float().mean().item()),
+                     record(cfg, e, "trained-on: test acc, true labels", 100 * accuracy(model, xte, yte, cfg.attack_batch)),
                      record(cfg, e, "trained-on: test acc, shifted labels",
-                            100 * accuracy(model, xte, (yte + 1) % 10, cfg.attack_batch), p[3])]
+                            100 * accuracy(model, xte, (yte + 1) % 10, cfg.attack_batch))]
     return recs
 
 
@@ -1615,10 +1067,10 @@ def squares_data(n, flip=0.1, noise=0.1, size=32, generator=None):
 
 
 def exp_squares(cfg, dev):
-    """Nakkiran: on adversarial squares a linear classifier (the sign of the mean pixel) is robust up to
-    Linf 0.9, yet a network that memorises the noisy labels (his: ResNet-18, Adam lr 1e-5, batch 128,
-    20 epochs, 99.9% train accuracy) is flipped by Linf 0.01 on almost every test point, while the same run
-    stopped after its first epoch is not. The attack clamps to [-1.1, 1.1], the images' range."""
+    """Nakkiran: on adversarial squares a linear classifier (the sign of the mean pixel) is robust up to Linf 0.9,
+    yet a network that memorises the noisy labels (his: ResNet-18, Adam lr 1e-5, batch 128, 20 epochs, 99.9% train
+    accuracy) is flipped by Linf 0.01 on almost every test point, while the same run stopped after its first epoch
+    is not. The attack clamps to [-1.1, 1.1], the images' range."""
     g = torch.Generator().manual_seed(cfg.seed)
     x, y = (t.to(dev) for t in squares_data(cfg.squares_n, generator=g))
     xte, yte = (t.to(dev) for t in squares_data(max(cfg.squares_n // 10, 100), generator=g))
@@ -1631,19 +1083,23 @@ def exp_squares(cfg, dev):
     with torch.no_grad():  # logit_1 - logit_0 = 2 * mean pixel: each pixel keeps its sign under Linf < 0.9
         linear.head.weight.copy_(torch.stack([-torch.ones(x[0].numel()), torch.ones(x[0].numel())]).to(dev) / x[0].numel())
         linear.head.bias.zero_()
+    linear_flipped = flipped(linear, 0.89)
+    if linear_flipped != 0:  # true by construction: a sanity check of pgd and the data, not one of the claims
+        raise AdvexError(f"squares: the linear classifier was flipped at Linf 0.89 on {linear_flipped}% of points")
     e = "squares"
-    recs = [record(cfg, e, "linear: test acc", 100 * accuracy(linear, xte, yte, cfg.attack_batch), None, "linear"),
-            record(cfg, e, "linear: flipped by Linf 0.89", flipped(linear, 0.89), 0, "linear", norm="linf", eps=0.89, steps=10)]
-    s = train_settings(cfg, epochs=cfg.squares_epochs, batch=128, lr=cfg.squares_lr, optimizer="adam", augment=False,
-                       classes=2, norm=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
-    for what, settings in (("memorising", s), ("1 epoch", dict(s, stop_epochs=1))):  # the same run, stopped early
-        m = trained(cfg, dev, "squares-net", x, y, settings)
-        recs += [record(cfg, e, f"net {what}: train acc", 100 * accuracy(m, x, y, cfg.attack_batch), 99.9 if what == "memorising" else None,
-                        epochs=m.epochs_done),
+    recs = [record(cfg, e, "linear: test acc", 100 * accuracy(linear, xte, yte, cfg.attack_batch), arch="linear"),
+            record(cfg, e, "linear: flipped by Linf 0.89", linear_flipped, arch="linear", norm="linf", eps=0.89, steps=10)]
+    r = recipe(cfg, epochs=cfg.squares_epochs, batch=128, lr=cfg.squares_lr, optimizer="adam", augment=False, classes=2,
+               norm=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    for what, ri in (("memorising", r), ("1 epoch", dict(r, stop_epochs=1))):  # the same run, stopped early
+        m = train_model(cfg, dev, "squares-net", x, y, ri)
+        recs += [record(cfg, e, f"net {what}: train acc", 100 * accuracy(m, x, y, cfg.attack_batch), epochs=m.epochs_done),
                  record(cfg, e, f"net {what}: test acc", 100 * accuracy(m, xte, yte, cfg.attack_batch)),
-                 record(cfg, e, f"net {what}: flipped by Linf 0.01", flipped(m, 0.01), None, norm="linf", eps=0.01, steps=10)]
+                 record(cfg, e, f"net {what}: flipped by Linf 0.01", flipped(m, 0.01), norm="linf", eps=0.01, steps=10)]
     return recs
 
+
+# ---------------------------------------------------------------------------------------- Goh, "Robust Feature Leakage"
 
 def fit_linear(f, y, steps=500, lr=0.05):
     """Multinomial logistic regression on standardised features, full batch (Adam). f: (N, D) -> a function
@@ -1662,125 +1118,1343 @@ def fit_linear(f, y, steps=500, lr=0.05):
 
 
 def exp_leakage(cfg, dev):
-    """Goh, "Robust Feature Leakage" (Distill 2019): the 10 linear features of a robust linear classifier
-    (L2 adversarial training) carry information into D_rand but not into D_det: a linear model on those
-    features trained on D_rand reaches 23.5% on the real test set (his deep model on the same D_rand: 88%),
-    on D_det 6.81%. His features meet two conditions, both exact for a linear model: Spec 1, robustly useful
-    (certified accuracy at L2 0.25), and Spec 2, stable (>= 80% of test predictions certified unchanged
-    within L2 0.25)."""
+    """Goh, "Robust Feature Leakage": the 10 linear features of a robust linear classifier (L2 adversarial training)
+    carry information into D_rand but not into D_det: a linear model on those features trained on D_rand reaches
+    23.5% on the real test set (his deep model on the same D_rand: 88%), on D_det 6.81%. His features meet two
+    specifications, both exact for a linear model: Spec 1, each feature is robustly useful for some class within
+    L2 0.25 (linear_robust_usefulness); Spec 2, the classifier is stable (>= 80% of test predictions certified
+    unchanged within L2 0.25)."""
     cfg, data = cifar(cfg, dev)
     x, y, xte, yte = data
-    lin = trained(cfg, dev, "leakage-linear", x, y, train_settings(
+    lin = train_model(cfg, dev, "leakage-linear", x, y, recipe(
         cfg, arch="linear", width=0, epochs=cfg.leak_epochs, lr=cfg.leak_lr, augment=False, adv_eps=cfg.leak_eps,
         adv_steps=cfg.adv_steps, adv_step=2.5 * cfg.leak_eps / cfg.adv_steps))
     e = "leakage"
     feats = lambda imgs: over_set(lin, lambda xb: lin(xb).float(), imgs, cfg.attack_batch)  # (N, 10): its features
-    certified = linear_certified(lin, xte, yte, 0.25).float().mean().item()
-    stable = linear_certified(lin, xte, predict(lin, xte, cfg.attack_batch), 0.25).float().mean().item()
-    recs = [record(cfg, e, "robust linear: test acc", 100 * accuracy(lin, xte, yte, cfg.attack_batch), None, "linear", adv_eps=cfg.leak_eps),
-            record(cfg, e, "robust linear: certified acc L2 0.25", 100 * certified, None, "linear"),
-            record(cfg, e, "robust linear: stable predictions L2 0.25", 100 * stable, 80, "linear")]
+    gamma = linear_robust_usefulness(lin, xte, yte, 0.25)  # (10 features, 10 classes)
+    recs = [record(cfg, e, "robust linear: test acc", 100 * accuracy(lin, xte, yte, cfg.attack_batch), arch="linear",
+                   adv_eps=cfg.leak_eps),
+            record(cfg, e, "robust linear: features robustly useful at L2 0.25 (of 10)",
+                   (gamma.amax(dim=1) >= 0).sum().item(), arch="linear", worst=round(gamma.amax(dim=1).min().item(), 4)),
+            record(cfg, e, "robust linear: certified acc L2 0.25",
+                   100 * linear_certified(lin, xte, yte, 0.25).float().mean().item(), arch="linear"),
+            record(cfg, e, "robust linear: stable predictions L2 0.25",
+                   100 * linear_certified(lin, xte, predict(lin, xte, cfg.attack_batch), 0.25).float().mean().item(),
+                   arch="linear"),
+            record(cfg, e, "test images", len(yte))]
     seed_all(cfg.seed, "leakage-head")
     head = fit_linear(feats(x), y)
     recs.append(record(cfg, e, "linear on features, trained on D", 100 * (head(feats(xte)).argmax(1) == yte).float().mean().item(),
-                       None, "linear"))
-    for name, paper, deep in (("d_rand", 23.5, 88), ("d_det", 6.81, None)):
-        ds = build_relabelled(cfg, dev, data, name)
+                       arch="linear"))
+    for name in ("d_rand", "d_det"):
+        ds = construct(cfg, dev, data, name)
         seed_all(cfg.seed, f"leakage-head-{name}")
         head = fit_linear(feats(ds["images"].to(dev)), ds["labels"].to(dev))
         acc = 100 * (head(feats(xte)).argmax(1) == yte).float().mean().item()
-        recs += [record(cfg, e, f"linear on features, trained on {name}", acc, paper, "linear"),
-                 record(cfg, e, f"deep model trained on {name}: test acc", 100 * accuracy(
-                     constructed_model(cfg, dev, name, ds), xte, yte, cfg.attack_batch), deep)]
+        recs += [record(cfg, e, f"linear on features, trained on {name}", acc, arch="linear"),
+                 record(cfg, e, f"deep model trained on {name}: test acc",
+                        100 * accuracy(constructed_model(cfg, dev, name, ds), xte, yte, cfg.attack_batch))]
     return recs
 
 
-def scatter(path, points, xlabel, ylabel, size=360):
-    """PNG scatter plot of labelled (x, y) points, both axes 0-100, with PIL."""
+# ---------------------------------------------------------------------------------------- Gilmer & Hendrycks (Distill 2019)
+
+def freq_radius(h, w, device="cpu"):
+    """max(|ky|, |kx|) of every entry of an (h, w) torch.fft.fft2 output: the integer frequency, 0 (DC) to h/2."""
+    ky, kx = (torch.fft.fftfreq(n, 1 / n, device=device).abs() for n in (h, w))
+    return torch.maximum(ky[:, None], kx[None, :])
+
+
+def band_pass(x, lo=0, hi=math.inf):
+    """x with only its 2D frequencies lo <= max(|ky|,|kx|) <= hi kept, per channel: (N,C,H,W) float -> same, real."""
+    r = freq_radius(*x.shape[-2:], x.device)
+    return torch.fft.ifft2(torch.fft.fft2(x) * ((r >= lo) & (r <= hi))).real
+
+
+def energy_share(x, lo=0, hi=math.inf):
+    """The share of x's non-DC energy (|FFT|^2 summed over the set and channels, all frequencies but 0) in the band."""
+    r = freq_radius(*x.shape[-2:], x.device)
+    e = torch.fft.fft2(x).abs().pow(2).sum(dim=(0, 1))
+    return (e * ((r >= lo) & (r <= hi) & (r > 0))).sum().item() / (e * (r > 0)).sum().clamp_min(1e-30).item()
+
+
+def fourier_basis(size, i, j):
+    """Yin et al. 2019's Fourier basis image U_ij (size, size): the real image whose only 2D frequencies are +-(i, j)
+    (the inverse FFT of (1+i)/2 at (i, j) and (1-i)/2 at (-i, -j), or 1 where they coincide), of unit L2 norm."""
+    m = torch.arange(size, dtype=torch.float64)
+    theta = 2 * math.pi * (i * m[:, None] + j * m[None, :]) / size
+    self_conjugate = (2 * i) % size == 0 and (2 * j) % size == 0
+    u = theta.cos() if self_conjugate else theta.cos() - theta.sin()
+    return (u / u.norm()).float()
+
+
+def fourier_heatmap(model, x, y, norm, batch):
+    """Yin et al. 2019's Fourier heat map (Gilmer & Hendrycks' Fig. 2): the error rate (%) on (x, y) when
+    norm * s * U_ij, s a random sign per image and channel, is added to every image and the result clipped to
+    [0,1], for each frequency (i, j), i, j in -size/2 .. size/2 - 1. As Yin et al., (i, j) and (-i, -j), the same
+    frequency, share one measurement. Returns (size, size), DC at [size/2, size/2]."""
+    size, half = x.shape[-1], x.shape[-1] // 2
+    xs, err = to_float(x), torch.full((size, size), math.nan)
+    for i in range(-half, half):
+        for j in range(-half, half):
+            mirror = ((-i + half) % size, (-j + half) % size)  # where (-i, -j) sits in the map
+            if not math.isnan(err[mirror]):
+                err[i + half, j + half] = err[mirror]
+                continue
+            s = torch.randint(0, 2, (len(x), x.shape[1], 1, 1), device=x.device) * 2 - 1
+            xp = (xs + norm * s * fourier_basis(size, i, j).to(x.device)).clamp(0, 1)
+            err[i + half, j + half] = 100 * (predict(model, xp, batch) != y).float().mean().item()
+    return err
+
+
+def plasma_fractal(n, size=32, decay=3.0):
+    """n diamond-square plasma fractals (n, size, size) in [0,1], size a power of two: CIFAR-10-C's fog (Hendrycks &
+    Dietterich 2019). From a zero map, each level sets the centre of every square to the mean of its corners and then
+    every edge midpoint to the mean of its four neighbours (the map wraps around), each plus uniform noise in
+    [-w^2, w^2]; w starts at 100 and is divided by `decay` at every level (larger decay: smoother fog)."""
+    m, step, w = torch.zeros(n, size, size), size, 100.0
+    noise = lambda like: (torch.rand_like(like) * 2 - 1) * w * w
+    while step >= 2:
+        h = step // 2
+        c = m[:, ::step, ::step]  # corners
+        m[:, h::step, h::step] = (c + c.roll(-1, 1) + c.roll(-1, 2) + c.roll((-1, -1), (1, 2))) / 4 + noise(c)
+        c, d = m[:, ::step, ::step], m[:, h::step, h::step]  # corners, centres
+        top, left = c + c.roll(-1, 2) + d + d.roll(1, 1), c + c.roll(-1, 1) + d + d.roll(1, 2)
+        m[:, ::step, h::step], m[:, h::step, ::step] = top / 4 + noise(top), left / 4 + noise(left)
+        step, w = h, w / decay
+    m = m - m.amin(dim=(1, 2), keepdim=True)
+    return m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def corrupt(x, kind, severity):
+    """CIFAR-10-C's recipes with their published constants, severity 1..5; x (N,3,H,W) in [0,1] -> the same range.
+    fog: + a * plasma (the same map on every channel), rescaled by m / (m + a), m the image's maximum;
+    contrast: scaled by c around each channel's mean; noise: + N(0, sigma^2) per pixel. Then clipped to [0,1]."""
+    if kind == "fog":
+        a, decay = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))[severity - 1]
+        m = x.amax(dim=(1, 2, 3), keepdim=True)
+        out = (x + a * plasma_fractal(len(x), x.shape[-1], decay).to(x.device)[:, None]) * m / (m + a)
+    elif kind == "contrast":
+        c, mean = (0.75, 0.5, 0.4, 0.3, 0.15)[severity - 1], x.mean(dim=(2, 3), keepdim=True)
+        out = (x - mean) * c + mean
+    else:
+        out = x + torch.randn_like(x) * (0.04, 0.06, 0.08, 0.09, 0.10)[severity - 1]
+    return out.clamp(0, 1)
+
+
+def exp_frequency(cfg, dev):
+    """Gilmer & Hendrycks, "Adversarial Example Researchers Need to Expand What is Meant by 'Robustness'":
+    (a) a model trained and tested on high-pass filtered images, which look flat grey to a person, still generalises
+        (ImageNet: above 50% top-1; low-pass: above 30%); here the standard recipe on CIFAR-10 kept to the
+        frequencies max(|k|) >= --freq-high (shifted to grey 0.5, not clipped) or <= --freq-low;
+    (b) Fourier heat maps (Yin et al. 2019) of the standard and the robust model: adversarial training trades
+        robustness to high-frequency perturbations for fragility at low frequencies;
+    (c) CIFAR-10-C's fog, contrast and Gaussian noise, severities 1-5 (adversarial training lowers fog accuracy from
+        85.7% to 55.3%): accuracy and accuracy retained (corrupted / clean; the two models' clean accuracies differ)."""
+    cfg, data = cifar(cfg, dev)
+    x, y, xte, yte = data
+    e, recs = "frequency", []
+    filters = {"high-pass": dict(lo=cfg.freq_high, grey=0.5), "low-pass": dict(hi=cfg.freq_low, grey=0.0)}
+    shown = {}
+    for name, band in filters.items():
+        f = lambda imgs: band_pass(to_float(imgs), band.get("lo", 0), band.get("hi", math.inf)) + band["grey"]
+        model = train_model(cfg, dev, name, f(x), y, recipe(cfg))
+        shown[name] = f(xte[:10])
+        recs += [record(cfg, e, f"{name}: test acc (filtered test set)", 100 * accuracy(model, f(xte), yte, cfg.attack_batch),
+                        keep=f"max|k| >= {cfg.freq_high}" if name == "high-pass" else f"max|k| <= {cfg.freq_low}"),
+                 record(cfg, e, f"{name}: share of non-DC energy kept (%)",
+                        100 * energy_share(to_float(xte), band.get("lo", 0), band.get("hi", math.inf)))]
+    std, rob = standard_model(cfg, dev, data), robust_model(cfg, dev, data)
+    n = min(cfg.freq_images, len(xte))
+    high, low = freq_radius(32, 32).roll((16, 16), (0, 1)) >= cfg.freq_high, freq_radius(32, 32).roll((16, 16), (0, 1)) <= 2
+    maps = {}
+    for kind, model in (("standard", std), ("robust", rob)):
+        maps[kind] = stage(cfg, "heatmap", lambda: dict(error=fourier_heatmap(model, xte[:n], yte[:n], cfg.freq_norm, cfg.attack_batch)),
+                           dict(norm=cfg.freq_norm), inputs=(xte[:n], yte[:n]), models=(model,),
+                           title=f"heatmap {model.name}")["error"]
+        clean = 100 * accuracy(model, xte, yte, cfg.attack_batch)
+        recs += [record(cfg, e, f"{kind} model: heat map error, max|k| >= {cfg.freq_high} (%)", maps[kind][high].mean().item(),
+                        arch=model.key.get("arch"), norm=cfg.freq_norm, images=n),
+                 record(cfg, e, f"{kind} model: heat map error, max|k| <= 2 (%)", maps[kind][low].mean().item(),
+                        arch=model.key.get("arch")),
+                 record(cfg, e, f"{kind} model: clean test acc", clean, arch=model.key.get("arch"))]
+        for corruption in ("fog", "contrast", "noise"):
+            accs = []
+            for severity in range(1, 6):
+                seed_all(cfg.seed, f"{corruption}{severity}")  # the same corrupted images for both models
+                accs.append(100 * accuracy(model, corrupt(to_float(xte), corruption, severity), yte, cfg.attack_batch))
+                recs.append(record(cfg, e, f"{kind} model: {corruption} severity {severity} acc", accs[-1],
+                                   arch=model.key.get("arch")))
+            recs.append(record(cfg, e, f"{kind} model: {corruption} accuracy retained (%)",
+                               100 * sum(accs) / 5 / max(clean, 1e-9), arch=model.key.get("arch")))
+    figure_frequency(cfg, maps, to_float(xte[:10]), yte[:10], shown)
+    return recs
+
+
+# ---------------------------------------------------------------------------------------- Goh, "Two Examples of Useful, Non-Robust Features"
+
+def linear_feature_stats(a, xc, y, cov):
+    """Goh's measures of linear features f(x) = a.x / ||a||_S, a (K, D), on centred images xc (N, D) with labels
+    y = +-1 (N,) and the training covariance S = cov (D, D), float64: usefulness E[y f(x)] (K,) and robustness
+    ||a||_S / ||a|| (K,), which for an eigenvector of S is the square root of its eigenvalue. Robust usefulness at L2
+    eps is usefulness - eps / robustness (the worst perturbation moves f by eps ||a|| / ||a||_S)."""
+    norm_s = ((a @ cov) * a).sum(dim=1).clamp_min(0).sqrt()
+    return a @ (xc.T @ y / len(y)) / norm_s, norm_s / a.norm(dim=1)
+
+
+def exp_linear_features(cfg, dev):
+    """Goh's two constructions on CIFAR-10 trucks (+1) vs frogs (-1), with all 10,000 training images of the two
+    classes at every scale (Sigma is 3072 x 3072; its eigenvectors are the linear features):
+    * every eigenvector of Sigma as a feature: the robust (low-frequency) ones are the useful ones (his figure: log
+      robustness vs usefulness);
+    * ensemble: the sign-weighted sum of the unit eigenvectors less robust than --lin-robustness times the most robust
+      one's (Goh: 349 directions, each of usefulness <= 0.027, together 0.208). He chose the signs on the images he
+      measured on, which alone gives ~sqrt(349) x 0.012 = 0.22 from noise; here the signs come from the training
+      images, the usefulness from the test images, beside a control whose signs come from shuffled training labels;
+    * containment: (1 - alpha) a_nonrobust + alpha a_robust (unit eigenvectors, alpha from 1 down to 1e-9): the mix
+      keeps most of a_robust's usefulness while its robustness falls by orders of magnitude."""
+    xtr, ytr, xte, yte = cifar_full(cfg)
+
+    def trucks_frogs(x, y):
+        keep = (y == 9) | (y == 6)
+        small = F.interpolate(to_float(x[keep]), size=cfg.lin_size, mode="area")  # the identity at 32
+        return small.flatten(1).double().to(dev), (2.0 * (y[keep] == 9) - 1).double().to(dev)
+
+    (x, y), (xt, yt) = trucks_frogs(xtr, ytr), trucks_frogs(xte, yte)
+    mu = x.mean(dim=0)
+    x, xt = x - mu, xt - mu
+    cov = x.T @ x / len(x)
+    eigs = torch.linalg.eigh(cov).eigenvectors.T.flip(0)  # (D, D): unit eigenvectors, the most robust first
+    useful, robust = linear_feature_stats(eigs, x, y, cov)
+    eigs, useful = eigs * useful.sign()[:, None], useful.abs()  # each direction's sign makes it useful (on training images)
+    e, n = "linear-features", len(xt)
+    recs = [record(cfg, e, "training / test images", len(x), arch="linear", test=n),
+            record(cfg, e, "eigenvectors: Spearman(log robustness, usefulness)", spearman(robust.log().tolist(), useful.tolist()),
+                   arch="linear"),
+            record(cfg, e, "most useful eigenvector: usefulness", useful.max().item(), 0.386, arch="linear",
+                   rank_by_robustness=int(useful.argmax()))]
+    seed_all(cfg.seed, e)
+    below = robust < cfg.lin_robustness * robust.max()
+    ens = {}
+    for what, labels in (("ensemble", y), ("shuffled-label control", y[torch.randperm(len(y), device=dev)])):
+        signs = linear_feature_stats(eigs[below], x, labels, cov)[0].sign()  # signs chosen on the training images
+        a = (signs[:, None] * eigs[below]).sum(dim=0, keepdim=True)
+        (u_in, r_in), (u_out, _) = linear_feature_stats(a, x, labels, cov), linear_feature_stats(a, xt, yt, cov)
+        ens[what] = (r_in.item(), u_out.item())
+        recs += [record(cfg, e, f"{what}: usefulness on its training labels (signs chosen there)", u_in.item(),
+                        0.208 if what == "ensemble" else None, arch="linear", directions=int(below.sum())),
+                 record(cfg, e, f"{what}: usefulness on test images", u_out.item(), arch="linear"),
+                 record(cfg, e, f"{what}: robustness", r_in.item(), arch="linear")]
+    recs += [record(cfg, e, "ensemble: directions", int(below.sum()), 349, arch="linear", threshold=cfg.lin_robustness),
+             record(cfg, e, f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)",
+                    ens["ensemble"][1] - cfg.lin_eps / ens["ensemble"][0], arch="linear")]
+    alpha = torch.logspace(0, -9, 200, dtype=torch.float64, device=dev)[:, None]
+    a_r, a_nr = eigs[int(useful.argmax())], eigs[-1]  # the most useful direction; the least robust one
+    path = linear_feature_stats((1 - alpha) * a_nr + alpha * a_r, x, y, cov)
+    kept = path[0] >= 0.9 * useful.max()
+    drop = (path[1][kept].min() / robust[int(useful.argmax())]).item()
+    recs.append(record(cfg, e, "containment: robustness left while keeping 90% of a_robust's usefulness (%)", 100 * drop,
+                       arch="linear"))
+    figure_linear_features(cfg, useful, robust, ens, path, (useful.max().item(), robust[int(useful.argmax())].item()))
+    return recs
+
+
+# ---------------------------------------------------------------------------------------- Nakano (Distill 2019) and the authors' reply
+
+def stage_change_objective(model, s):
+    """pgd objective for R(f)'s inner max: ascend ||f_s(x') - f_s(x)||^2, f_s = stage s, y = f_s(x) flattened."""
+    def objective(xa, target, need_grad=True):
+        xa = xa.detach().requires_grad_(need_grad)
+        with torch.set_grad_enabled(need_grad):
+            loss = (stages(model, xa, s)[s].flatten(1).float() - target).pow(2).sum(dim=1)
+        grad = torch.autograd.grad(loss.sum(), xa)[0] if need_grad else None
+        return loss.detach(), grad, torch.zeros(len(xa), dtype=torch.bool, device=xa.device)
+
+    return objective
+
+
+def layer_robustness(model, x, eps, steps, batch=4096):
+    """The authors' reply to Nakano: R(f) = E[max over ||x' - x1||_2 <= eps of ||f(x') - f(x1)||] / E[||f(x1) - f(x2)||],
+    x1, x2 independent test images, f each stage of the model (its `stages`). The inner max by PGD from a random
+    point of the ball (at x1 itself the gradient is 0). x (N, C, H, W) -> [R per stage]."""
+    x = to_float(x)
+    x2 = x[random_other(len(x), x.device)]
+    out = []
+    for s in range(len(model.stage_ends)):
+        f = lambda z: over_set(model, lambda zb: stages(model, zb, s)[s].flatten(1).float(), z, batch, amp=False)
+        fx = f(x)
+        xa, _ = pgd(model, x, fx, eps, steps, "l2", random_start=True, batch=batch, objective=stage_change_objective(model, s))
+        out.append(((f(xa) - fx).norm(dim=1).mean() / (fx - f(x2)).norm(dim=1).mean()).item())
+    return out
+
+
+def gram(h):
+    """Gatys et al.'s style statistic: (B, C, H, W) -> (B, C, C) channel correlations, divided by C*H*W."""
+    f = h.flatten(2)
+    return f @ f.transpose(1, 2) / f[0].numel()
+
+
+def style_distance(model, a, b):
+    """sum over stages of ||G_s(a) - G_s(b)||^2 (B,); b may be one image, broadcast."""
+    return sum((gram(p) - gram(q)).pow(2).sum(dim=(1, 2)) for p, q in zip(stages(model, a), stages(model, b)))
+
+
+def style_transfer(style_model, content_model, content, style, iters, content_stage=2):
+    """Gatys et al. 2016 with the style of one network and the content of another (the authors' control: the style
+    network matters, the content network barely): from z = content, Adam (lr 0.02) on z in [0,1] minimises
+    sum_s ||G_s(z) - G_s(style)||^2 / ||G_s(content) - G_s(style)||^2 (every stage of style_model) +
+    ||h(z) - h(content)||^2 / ||h(style) - h(content)||^2 (h: stage `content_stage` of content_model), each term 1 at
+    the start or at the style. content (B, 3, H, W), style (1, 3, H, W) in [0,1] -> (B, 3, H, W)."""
+    with torch.no_grad():
+        g_style = [gram(h) for h in stages(style_model, style)]
+        g_scale = [(gram(h) - g).pow(2).sum(dim=(1, 2)) for h, g in zip(stages(style_model, content), g_style)]
+        h_content = stages(content_model, content, content_stage)[content_stage]
+        h_scale = (stages(content_model, style, content_stage)[content_stage] - h_content).pow(2).flatten(1).sum(dim=1)
+    z = content.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.02)
+    for _ in range(iters):
+        loss = sum(((gram(h) - g).pow(2).sum(dim=(1, 2)) / s.clamp_min(1e-12)).sum()
+                   for h, g, s in zip(stages(style_model, z), g_style, g_scale))
+        loss = loss + ((stages(content_model, z, content_stage)[content_stage] - h_content).pow(2).flatten(1).sum(dim=1)
+                       / h_scale.clamp_min(1e-12)).sum()
+        z.grad = torch.autograd.grad(loss, z)[0]  # no parameter gradients: only z is optimised
+        opt.step()
+        with torch.no_grad():
+            z.clamp_(0, 1)
+    return z.detach()
+
+
+def texture(size):
+    """A synthetic style image (3, size, size) in [0,1] from the current random stream: three coloured sinusoidal
+    gratings, each of random orientation, period (size/8 to size/3 pixels) and colour, over grey."""
+    m = torch.arange(size, dtype=torch.float32)
+    img = torch.full((3, size, size), 0.5)
+    for _ in range(3):
+        angle, period, colour = torch.rand(()) * math.pi, size / (3 + 5 * torch.rand(())), torch.rand(3, 1, 1) - 0.5
+        wave = torch.sin(2 * math.pi * (m[:, None] * angle.sin() + m[None, :] * angle.cos()) / period)
+        img = img + 0.5 * colour * wave
+    return img.clamp(0, 1)
+
+
+def exp_style(cfg, dev):
+    """Nakano, "Adversarially Robust Neural Style Transfer", and the authors' reply. (a) Layer robustness R(f) of each
+    stage of the standard and the robust model at L2 --style-eps (their figure, ImageNet ResNet-50: standard ~0.5,
+    robust ~0.06; they give no radius). (b) Gatys style transfer with each model's Gram matrices (the content loss
+    always on the standard model), from CIFAR test images upsampled to --style-size (or --content-image) towards
+    --style-image (or a synthetic texture): how much of the change (output - content) is at high spatial frequency
+    (max|k| >= size/4), and how much closer to the style the output is, judged by the Gram distance of a third,
+    independently trained standard model (bugs' first ensemble member) that took no part in the optimisation."""
+    cfg, data = cifar(cfg, dev)
+    x, y, xte, yte = data
+    std, rob = standard_model(cfg, dev, data), robust_model(cfg, dev, data)
+    judge = train_model(cfg, dev, "bugs-member0", x, y, recipe(cfg, member=0))
+    n, e, recs = min(cfg.style_images, len(xte)), "style", []
+    for eps in cfg.style_eps:
+        rs = {}
+        for kind, model in (("standard", std), ("robust", rob)):
+            seed_all(cfg.seed, f"style-R-{kind}-{eps}")
+            rs[kind] = layer_robustness(model, xte[:n], eps, cfg.style_steps, cfg.attack_batch)
+            recs += [record(cfg, e, f"{kind} model: R(f) stage {s + 1}, L2 {eps:g}", r, arch=model.key.get("arch"),
+                            images=n, steps=cfg.style_steps) for s, r in enumerate(rs[kind])]
+        recs.append(record(cfg, e, f"R(f) robust / standard, largest over stages, L2 {eps:g}",
+                           max(r / s for r, s in zip(rs["robust"], rs["standard"]))))
+    size = cfg.style_size
+    up = lambda img: F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    content = up(read_image(cfg.content_image)[None]) if cfg.content_image else up(to_float(xte[:4]))
+    seed_all(cfg.seed, "style-texture")
+    style = up(read_image(cfg.style_image)[None]) if cfg.style_image else texture(size)[None]
+    content, style = content.to(dev), style.to(dev)
+    outs = {}
+    for kind, model in (("standard", std), ("robust", rob)):
+        outs[kind] = style_transfer(model, std, content, style, cfg.style_iters)
+        with torch.no_grad():
+            closer = (style_distance(judge, outs[kind], style) / style_distance(judge, content, style)).mean().item()
+        recs += [record(cfg, e, f"{kind} style: share of the change at high frequency (%)",
+                        100 * energy_share(outs[kind] - content, lo=size // 4), arch=model.key.get("arch"), size=size,
+                        iters=cfg.style_iters),
+                 record(cfg, e, f"{kind} style: judge's style distance, output / content", closer, arch=model.key.get("arch"))]
+    grid(os.path.join(cfg.out, "style.png"), f"Nakano: style transfer with a standard vs a robust model ({tag(cfg)})",
+         [torch.stack([c, style[0], outs["standard"][i], outs["robust"][i]]) for i, c in enumerate(content)],
+         [f"content {i + 1}" for i in range(len(content))], ["content", "style", "standard model's style",
+                                                              "robust model's style"], scale=max(1, 192 // size),
+         note=f"{cfg.arch}-{cfg.width} models; content loss on the standard model's stage 3; {cfg.style_iters} Adam steps")
+    return recs
+
+
+# #####################################################################################################################
+# PLUMBING. Everything below is bookkeeping that a reader of the method can skip: the artifact cache (keys, files,
+# timing, FLOP counts), results and the claims table, figures, file formats and their checks, the command line.
+# #####################################################################################################################
+
+# =====================================================================================================================
+# Artifact cache: one helper, stage(), runs a stage or reads back what it made, keyed by everything that made it
+# =====================================================================================================================
+
+CODE = hashlib.sha1(open(__file__, "rb").read()).hexdigest()[:10]  # this file's text: part of every key
+WHERE = {"data", "out", "download", "device", "compile", "attack_batch", "seed", "seeds", "since"}  # never in a key
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
+STAGES = []   # this process's timed stages; main() adds them to results.json
+MEMO = {}     # artifact path -> what stage() returned for it, in this process
+FLOPS = [0]   # FLOPs counted by count_flops since main() installed it
+_NESTED = []  # [seconds, flops] of the stages running inside each running stage (a stage's own time excludes them)
+_FINGERPRINTS = {}
+
+
+def fingerprint(*tensors):
+    """The identity of the exact tensors a stage used: sha1 of their dtypes, shapes and bytes (10 hex digits)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        ref, version, digest = _FINGERPRINTS.get(id(t), (None, None, None))
+        if ref is None or ref() is not t or version != t._version:  # hashed once per tensor object and version
+            c = t.detach().contiguous().cpu()
+            d = hashlib.sha1(f"{c.dtype}{tuple(c.shape)}".encode())
+            d.update(c.reshape(-1).view(torch.uint8).numpy())
+            digest = d.hexdigest()
+            _FINGERPRINTS[id(t)] = (weakref.ref(t), t._version, digest)
+        h.update(digest.encode())
+    return h.hexdigest()[:10]
+
+
+def settings_key(settings):
+    """Short hash of a settings dict (plain values, nested dicts): names artifacts and runs."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def stage(cfg, name, run, settings=None, inputs=(), models=(), title=None):
+    """Run one stage of an experiment, or read back what it made before. run() -> a dict of tensors and plain values,
+    stored at OUT/artifacts/TITLE-sSEED-KEY.pt, KEY a hash of `settings`, the stage's name, the fingerprints of the
+    tensors `inputs`, the keys of `models` (what they were made from), the seed and CODE (this file's text): a changed
+    setting, input, upstream model or procedure gives a new key. run() draws from its own random stream (seed_all(seed, name)).
+    The stage's seconds and FLOPs (without those of stages inside it) go to the stage table. Returns the stored dict
+    (on the CPU) with 'key' (its key's contents) and 'file' (its path)."""
+    key = dict(settings or {}, stage=name, inputs=fingerprint(*inputs), models=[m.key for m in models], seed=cfg.seed,
+               code=CODE)
+    title = title or name
+    slug = re.sub(r"[^\w.]+", "-", title).strip("-")  # 'standard (fastnet)' -> standard-fastnet
+    path = os.path.join(cfg.out, "artifacts", f"{slug}-s{cfg.seed}-{settings_key(key)}.pt")
+    if path in MEMO:
+        return MEMO[path]
+    t0, f0, loaded = time.time(), FLOPS[0], os.path.isfile(path)
+    _NESTED.append([0.0, 0])
+    if loaded:
+        log(f"[{title}] reading {path}")
+    else:
+        seed_all(cfg.seed, name)
+        save_atomic(dict(run(), key=json.dumps(key, sort_keys=True)), path)
+        log(f"[{title}] done in {fmt_time(time.time() - t0)}; saved {path}")
+    out = read_artifact(path, key)
+    inner_s, inner_f = _NESTED.pop()
+    seconds, flops = time.time() - t0, FLOPS[0] - f0
+    if _NESTED:
+        _NESTED[-1][0] += seconds
+        _NESTED[-1][1] += flops
+    STAGES.append(dict(stage=title, seconds=round(seconds - inner_s, 3), tflop=round((flops - inner_f) / 1e12, 4),
+                       loaded=loaded, file=path, time=time.time()))
+    MEMO[path] = out
+    return out
+
+
+def read_artifact(path, key):
+    """An artifact written by stage() for this key, read with weights_only=True (tensors and plain values only)."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign or pickled-object files all end here
+        raise AdvexError(f"cannot read {path} ({why(e)}); delete it to make it again") from None
+    if not isinstance(d, dict) or d.get("key") != json.dumps(key, sort_keys=True):
+        raise AdvexError(f"{path} is not what advex wrote here for this stage; delete it to make it again")
+    return dict(d, key=key, file=path)
+
+
+def save_atomic(obj, path):
+    """torch.save (or text for str) to a temporary name, then rename: an interrupt never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    if isinstance(obj, str):
+        with open(tmp, "w") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint(model, r, epochs_done):
+    """A trained model as stage() stores it: state_dict, what make_model needs to rebuild it, the epochs it trained."""
+    return dict(state_dict=model.state_dict(), arch=r["arch"], width=r["width"], classes=r.get("classes", 10),
+                epochs_done=float(epochs_done))
+
+
+def new_model(r, dev, state=None):
+    """A model of recipe r on dev (channels_last on CUDA), fresh from the current random stream or with `state`."""
+    model = make_model(r["arch"], r["width"], r.get("classes", 10), *r.get("norm", (CIFAR_MEAN, CIFAR_STD))).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def maybe_compile(model, x, enabled):
+    """--compile: torch.compile the model's body when x is on CUDA (the state_dict keys stay as they are: only
+    the bound forward is replaced). A forward/backward probe on two of x's images, in eval mode so BatchNorm's
+    statistics are not touched, catches a compiler that fails; the model then stays eager."""
+    if not (enabled and x.device.type == "cuda" and hasattr(model, "body")):
+        return model
+    was = model.training
+    try:
+        model.body.forward = torch.compile(model.body.forward)
+        model.eval()
+        probe = to_float(x[:2]).requires_grad_(True)
+        torch.autograd.grad(model(probe).float().sum(), probe)
+    except Exception as e:
+        log(f"advex: torch.compile failed ({why(e)}); running eagerly")
+        vars(model.body).pop("forward", None)
+    model.train(was)
+    return model
+
+
+def count_flops(module, inputs, output):
+    """A global forward hook (main() installs it): 2 x the multiply-adds of every conv and linear layer, what torch's
+    FlopCounterMode counts, x3 for a training step (forward and backward) and x2 for an attack or inversion step
+    (forward and the input gradient), from outside every loop of the science."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(output, torch.Tensor):
+        per_output = (module.in_channels // module.groups * math.prod(module.kernel_size)
+                      if isinstance(module, nn.Conv2d) else module.in_features)
+        FLOPS[0] += (3 if module.training else 2 if torch.is_grad_enabled() else 1) * 2 * output.numel() * per_output
+
+
+def fmt_time(s):
+    return f"{s:.0f}s" if s < 90 else f"{s / 60:.1f}m" if s < 5400 else f"{s / 3600:.1f}h"
+
+
+class Progress:
+    """Prints `[name] done/total unit, rate/s, ETA` at most every `every` seconds, and at the end."""
+
+    def __init__(self, name, total, unit="img", every=10.0):
+        self.name, self.total, self.unit, self.every = name, total, unit, every
+        self.t0 = self.last = time.time()
+
+    def __call__(self, done, extra=""):
+        now = time.time()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last, el = now, now - self.t0
+        rate = done / max(el, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        log(f"[{self.name}] {done}/{self.total} {self.unit} {rate:,.0f} {self.unit}/s "
+            f"elapsed {fmt_time(el)} ETA {fmt_time(eta)}{extra}")
+
+
+# =====================================================================================================================
+# Results: OUT/results.json (every number, the run settings behind it, stage times and files) and OUT/results.md
+# (one scale's table beside the paper's numbers, and a verdict for each claim from one run)
+# =====================================================================================================================
+
+RUNS = {}  # run key -> run settings of this process's records; main() adds them to results.json
+_PAPER = object()  # record(): look the published number up in PAPER
+
+
+def run_settings(cfg):
+    """The settings of a run that can change its numbers (every Config field but WHERE's) and the code."""
+    return dict({k: v for k, v in dataclasses.asdict(cfg).items() if k not in WHERE}, code=CODE)
+
+
+def make_record(run, seed, arch, experiment, metric, value, paper=None, **settings):
+    """One number. Its identity is (experiment, metric, arch, seed, run), run being the key of the settings
+    of the run that made it: a rerun with the same settings replaces it, a run with other settings adds a row."""
+    RUNS[settings_key(run)] = run
+    return dict(experiment=experiment, metric=metric, value=round(float(value), 4), paper=paper, seed=seed,
+                arch=arch, scale=run.get("scale", "any"), run=settings_key(run), settings=settings)
+
+
+def record(cfg, experiment, metric, value, paper=_PAPER, arch=None, **settings):
+    """A number of an advex experiment, beside PAPER's (unless given); cfg holds the n_train / n_test used."""
+    paper = PAPER.get((experiment, metric)) if paper is _PAPER else paper
+    return make_record(run_settings(cfg), cfg.seed, arch or cfg.arch, experiment, metric, value, paper, **settings)
+
+
+def read_results(out, must_exist=False):
+    path = os.path.join(out, "results.json")
+    if not os.path.isfile(path):
+        if must_exist:
+            raise AdvexError(f"{path} not found: no advex results in --out {out}")
+        return dict(records=[], runs={}, stages=[])
+    try:
+        with open(path) as f:
+            res = json.load(f)
+        assert isinstance(res["records"], list) and isinstance(res["runs"], dict) and isinstance(res["stages"], list)
+        assert all({"experiment", "metric", "value", "seed", "arch", "run", "scale"} <= set(r) for r in res["records"])
+    except Exception:
+        raise AdvexError(f"{path} is not an advex results file (unreadable, or written by another version); "
+                         f"move it away or choose another --out") from None
+    return res
+
+
+def latest_scale(res):
+    return next((r["scale"] for r in reversed(res["records"]) if r["scale"] != "any"), "any")
+
+
+def write_results(out, records, runs, stages=(), scale=None):
+    """Merge records (and the settings of their runs, and stage times) into OUT/results.json; rewrite results.md
+    for `scale` (default: the latest run's)."""
+    res = read_results(out)
+    ident = lambda r: (r["experiment"], r["metric"], r["arch"], r["seed"], r["run"])
+    new = {ident(r) for r in records}
+    res["records"] = [r for r in res["records"] if ident(r) not in new] + list(records)
+    res["runs"].update(runs)
+    res["stages"] += list(stages)
+    save_atomic(json.dumps(res, indent=1), os.path.join(out, "results.json"))
+    table = results_table(res, scale or latest_scale(res))
+    save_atomic(table, os.path.join(out, "results.md"))
+    return table
+
+
+def groups(records):
+    """Records grouped by (experiment, metric, arch, run), in order of each group's latest record: one group
+    holds the seeds of one setting, never numbers made with different settings."""
+    g = {}
+    for r in records:
+        k = (r["experiment"], r["metric"], r["arch"], r["run"])
+        g[k] = g.pop(k, []) + [r]
+    return g
+
+
+def mean_std(values):
+    v = torch.tensor(values, dtype=torch.float64)
+    return v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
+
+
+def results_table(res, scale):
+    records = [r for r in res["records"] if r["scale"] in (scale, "any")]
+    others = sorted({r["scale"] for r in res["records"]} - {scale, "any"})
+    lines = [f"# advex results: scale {scale}", ""]
+    if scale == "quick":
+        lines += ["**Quick scale: tiny sizes that test the code path. These numbers mean nothing about the papers' "
+                  "claims; the verdicts below are not results.**", ""]
+    lines += ["Mean ± std over seeds (n). One row per experiment, metric, architecture and run settings (the `run` "
+              "column; what each run changed from the full-size defaults is listed below the table)." +
+              (f" results.json also holds scale {', '.join(others)} (`advex.py report --scale S`)." if others else ""),
+              "", "| experiment | metric | arch | run | ours | n | paper | settings |", "|---|---|---|---|---|---|---|---|"]
+    g = groups(records)
+    for (exp, metric, arch, run), rs in g.items():
+        m, s = mean_std([r["value"] for r in rs])
+        ours = f"{m:.2f}" + (f" ± {s:.2f}" if len(rs) > 1 else "")
+        paper = "" if rs[-1]["paper"] is None else f"{rs[-1]['paper']:g}"
+        sets = ", ".join(f"{k} {v}" for k, v in rs[-1]["settings"].items())
+        lines.append(f"| {exp} | {metric} | {arch} | {run} | {ours} | {len(rs)} | {paper} | {sets} |")
+    lines += ["", "| run | scale | settings that differ from the full-size defaults |", "|---|---|---|"]
+    defaults = run_settings(Config())
+    for run in dict.fromkeys(k[3] for k in g):
+        s = res["runs"].get(run, {})
+        diff = ", ".join(f"{k} {v}" for k, v in s.items() if k != "scale" and defaults.get(k, None) != v)
+        lines.append(f"| {run} | {s.get('scale', '')} | {diff or 'none'} |")
+    lines += ["", "## Claims", "", f"Each claim of the paper and the responses, its criterion, our values (mean over "
+              f"seeds) from one run of scale {scale} (the latest that has any of them) and the verdict. MIXED: that run "
+              f"lacks some of the values, which only other runs have; NOT RUN: no run of this scale has them.", "",
+              "| claim | criterion | ours | verdict | run |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in check_claims(records)]
+    return "\n".join(lines) + "\n"
+
+
+def spearman(a, b):
+    """Spearman rank correlation of two equal-length lists, with average ranks for ties; nan if a value is not finite."""
+    a, b = (torch.tensor(v, dtype=torch.float64) for v in (a, b))
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.nan
+    ranks = lambda v: torch.stack([(v < u).sum() + ((v == u).sum() - 1) / 2 for u in v]).double()
+    ra, rb = ranks(a) - ranks(a).mean(), ranks(b) - ranks(b).mean()
+    return (ra * rb).sum().item() / max(1e-12, (ra.norm() * rb.norm()).item())
+
+
+def _fig3(transfer, acc):
+    """Ilyas Fig. 3 over the architectures that have both numbers: (rho >= 0.8, ties named), or None if < 3."""
+    archs = sorted(set(transfer) & set(acc)) if isinstance(transfer, dict) and isinstance(acc, dict) else []
+    if len(archs) < 3:
+        return None, "fewer than 3 architectures"
+    tr, ac = [transfer[a] for a in archs], [acc[a] for a in archs]
+    rho = spearman(tr, ac)
+    ties = [f"{what} tie: {', '.join(a for a, u in zip(archs, v) if v.count(u) > 1)}" for what, v in
+            (("transfer", tr), ("accuracy", ac)) if len(set(v)) < len(v)]
+    return rho >= 0.8, f"Spearman {rho:.3g}" + "".join(f"; {t}" for t in ties)
+
+
+def _chance_margins(rand, det, n):
+    """Goh's leakage, against chance (10%) with the binomial standard error of n test images."""
+    se = 100 * math.sqrt(0.1 * 0.9 / n)
+    return rand > 10 + 3 * se and det < 10 + 2 * se, f"SE {se:.2f} at n {n:g}"
+
+
+B = "bugs {} {}"
+# (claim, criterion, the (experiment, metric) values it needs, test(*values) -> bool or (bool or None, note)).
+# A value is the mean over seeds of one run; a metric recorded for several architectures gives {arch: value}.
+CLAIMS = [
+    ("Ilyas: a standard model is accurate but not robust", "standard acc > 70; robust acc < 10 (paper's attack, 7 steps of eps/5)",
+     [("standard", "standard acc"), ("standard", "robust acc L2 0.25, 7 steps of eps/5")], lambda a, r: a > 70 and r < 10),
+    ("Ilyas: adversarial training makes a robust model", "robust model: robust acc > 60", [("robust", RA)], lambda r: r > 60),
+    ("Ilyas 3.1: robust features alone give robustness; non-robust ones none", "D_NR robust acc < 5 and D_R robust acc > 30",
+     [("d_nr", RA), ("d_r", RA)], lambda nr, r: nr < 5 and r > 30),
+    ("Ilyas 3.1: D_R and D_NR both generalise to the real test set", "standard acc > 70 for both",
+     [("d_r", "standard acc"), ("d_nr", "standard acc")], lambda r, nr: r > 70 and nr > 70),
+    ("Ilyas 3.2: non-robust features alone generalise", "D_rand > 20 and D_det > 15 (chance: 10)",
+     [("d_rand", "standard acc"), ("d_det", "standard acc")], lambda r, d: r > 20 and d > 15),
+    ("Ilyas 3.2: D_rand is learnt better than D_det", "D_rand acc > D_det acc",
+     [("d_rand", "standard acc"), ("d_det", "standard acc")], lambda r, d: r > d),
+    ("Ilyas Fig. 3: models learn more from D_det where its examples transfer",
+     "Spearman(transfer rate, D_det acc) >= 0.8 over >= 3 architectures (average ranks; ties named)",
+     [("transfer", "transfer rate"), ("transfer", "D_det-trained test acc")], _fig3),
+    ("Wallace: a model learns from a teacher's errors alone", "student test acc > 30 (chance: 10)",
+     [("mislabeled", "student test acc")], lambda a: a > 30),
+    ("Wallace: an MNIST teacher's labels on Fashion images teach MNIST", "student MNIST acc > 80 with both normalisations",
+     [("mnist-fashion", "student MNIST test acc (own stats)"), ("mnist-fashion", "student MNIST test acc (mnist stats)")],
+     lambda a, b: a > 80 and b > 80),
+    ("Wallace: the 2D toy learns from flipped points alone", "median over seeds > 16 of 32 original points right",
+     [("toy2d", "model 2: original points right, median")], lambda m: m > 16),
+    ("Nakkiran: his examples do not transfer; plain PGD's do", "transfer < 5 for his, > 20 for plain PGD (L2 and Linf)",
+     [(B.format(n, m), "transfer to fresh model") for n in ("l2", "linf") for m in ("bugs", "pgd")],
+     lambda b2, p2, bi, pi: b2 < 5 and bi < 5 and p2 > 20 and pi > 20),
+    ("Nakkiran: a model trained on his examples learns nothing of the true labels; plain PGD's does",
+     "true-label test acc <= 15 for his, >= 20 for plain PGD (L2 and Linf)",
+     [(B.format(n, m), "trained-on: test acc, true labels") for n in ("l2", "linf") for m in ("bugs", "pgd")],
+     lambda b2, p2, bi, pi: b2 <= 15 and bi <= 15 and p2 >= 20 and pi >= 20),
+    ("Nakkiran: on adversarial squares, where every useful feature is robust, a memorising net is not robust",
+     "memorising net flipped at Linf 0.01 > 50 (% of test points); the same run after 1 epoch < 10",
+     [("squares", "net memorising: flipped by Linf 0.01"), ("squares", "net 1 epoch: flipped by Linf 0.01")],
+     lambda net, first: net > 50 and first < 10),
+    ("Goh: his features are robustly useful (Spec 1) and stable (Spec 2)",
+     "all 10 linear features robustly useful (gamma >= 0) for some class at L2 0.25; >= 80 of predictions certified stable",
+     [("leakage", "robust linear: features robustly useful at L2 0.25 (of 10)"),
+      ("leakage", "robust linear: stable predictions L2 0.25")], lambda n, s: n == 10 and s >= 80),
+    ("Goh: robust features leak into D_rand, not into D_det",
+     "linear on robust features: D_rand acc > chance + 3 SE; D_det acc < chance + 2 SE (chance 10, binomial SE)",
+     [("leakage", "linear on features, trained on d_rand"), ("leakage", "linear on features, trained on d_det"),
+      ("leakage", "test images")], _chance_margins),
+]
+
+
+def check_claims(records):
+    """[(claim, criterion, our values, HOLDS | FAILS | MIXED | NOT RUN, run)], each claim from the latest run (of the
+    records given: one scale) that has any of its values."""
+    order, table = {}, {}
+    for i, r in enumerate(records):
+        order[r["run"]] = i
+        table.setdefault((r["experiment"], r["metric"]), {}).setdefault(r["run"], {}).setdefault(r["arch"], []).append(r["value"])
+    show = lambda v: " ".join(f"{a} {u:.3g}" for a, u in v.items()) if isinstance(v, dict) else f"{v:.3g}"
+    rows = []
+    for claim, criterion, needs, test in CLAIMS:
+        runs = {run for n in needs for run in table.get(n, {})}
+        if not runs:
+            rows.append((claim, criterion, "", "NOT RUN", ""))
+            continue
+        run = max(runs, key=order.get)
+        missing = [m for n, m in needs if run not in table.get((n, m), {})]
+        if missing:
+            other = all(table.get(n) for n in needs)
+            rows.append((claim, criterion, f"this run lacks: {'; '.join(missing)}", "MIXED" if other else "NOT RUN", run))
+            continue
+        values = []
+        for n in needs:
+            by_arch = {a: mean_std(v)[0] for a, v in table[n][run].items()}
+            values.append(next(iter(by_arch.values())) if len(by_arch) == 1 else by_arch)
+        flat = [u for v in values for u in (v.values() if isinstance(v, dict) else [v])]
+        ours = ", ".join(show(v) for v in values)
+        if not all(math.isfinite(u) for u in flat):
+            rows.append((claim, criterion, ours + " (a value is not finite)", "FAILS", run))
+            continue
+        verdict, note = (lambda v: v if isinstance(v, tuple) else (v, ""))(test(*values))
+        rows.append((claim, criterion, ours + (f" ({note})" if note else ""),
+                     "NOT RUN" if verdict is None else "HOLDS" if verdict else "FAILS", run))
+    return rows
+
+
+def stage_table(stages, wall=None):
+    """Where the time went: one row per stage (those read from disk summed into one row each), its share of the
+    total, its TFLOP and throughput. wall: the whole run's wall time; what the stages do not cover (process
+    start-up, data loading, small steps) gets a row."""
+    rows = {}
+    for s in stages:
+        r = rows.setdefault((s["stage"], s["loaded"]), dict(s, seconds=0.0, tflop=0.0, n=0))
+        r["seconds"] += s["seconds"]
+        r["tflop"] += s["tflop"]
+        r["n"] += 1
+    covered = sum(r["seconds"] for r in rows.values())
+    total = max(wall or 0.0, covered) or 1e-9
+    lines = ["| stage | device | seconds | share | TFLOP | TFLOP/s |", "|---|---|---|---|---|---|"]
+    for (name, loaded), r in rows.items():
+        name = f"{name}: read from disk" + (f" x{r['n']}" if r["n"] > 1 else "") if loaded else name
+        lines.append(f"| {name} | {r.get('device', '')} | {r['seconds']:.1f} | {100 * r['seconds'] / total:.1f}% | "
+                     f"{r['tflop']:.2f} | {r['tflop'] / max(r['seconds'], 1e-9):.2f} |")
+    if wall:
+        lines.append(f"| other: start-up, data loading, small steps | | {total - covered:.1f} | "
+                     f"{100 * (total - covered) / total:.1f}% | | |")
+    lines.append(f"| total | | {total:.1f} | 100% | {sum(r['tflop'] for r in rows.values()):.2f} | |")
+    return "\n".join(lines) + "\n"
+
+
+# =====================================================================================================================
+# Figures: PNG with Pillow (torchvision's dependency), titled with the experiment, scale and seed
+# =====================================================================================================================
+
+BLUE, LIGHT_BLUE, ORANGE, LIGHT_ORANGE, GREY = (33, 113, 181), (158, 202, 225), (230, 85, 13), (253, 174, 107), (90, 90, 90)
+
+
+def font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def text_size(draw, s, f):
+    box = draw.textbbox((0, 0), s, font=f)
+    return box[2] - box[0], box[3] - box[1]
+
+
+def canvas(width, height, title, note=""):
+    """A white image with a title (and a note under it); returns (image, draw, y where the content starts)."""
     from PIL import Image, ImageDraw
-    pad = 40
-    im = Image.new("RGB", (size + 2 * pad, size + 2 * pad), "white")
+    im = Image.new("RGB", (int(width), int(height)), "white")
     d = ImageDraw.Draw(im)
-    to = lambda u, v: (pad + u / 100 * size, pad + (1 - v / 100) * size)
-    d.rectangle([to(0, 100), to(100, 0)], outline="black")
-    for k in range(0, 101, 20):
-        d.text((to(k, 0)[0] - 6, pad + size + 4), str(k), fill="black")
-        d.text((pad - 22, to(0, k)[1] - 5), str(k), fill="black")
-    d.text((pad + size / 2 - 60, pad + size + 20), xlabel, fill="black")
-    d.text((4, 8), ylabel, fill="black")
-    for label, u, v in points:
-        (a, b) = to(u, v)
-        d.ellipse([a - 4, b - 4, a + 4, b + 4], fill=(33, 113, 181))
-        d.text((a + 6, b - 6), label, fill="black")
+    d.text((12, 8), title, fill="black", font=font(20))
+    if note:
+        d.text((12, 36), note, fill=GREY, font=font(14))
+    return im, d, 62 if note else 40
+
+
+def save_png(image, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    image.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def grid(path, title, rows, row_names, col_names, scale=3, note=""):
+    """PNG of image rows (each (n, C, H, W) in [0,1]) with row names on the left and column names (one or two lines,
+    split at a newline) on top of each column."""
+    from PIL import Image
+    n, (_, H, W) = len(rows[0]), rows[0].shape[1:]
+    probe, d, _ = canvas(10, 10, "")
+    f = font(14)
+    cell = max([W * scale] + [text_size(d, part, f)[0] for c in col_names for part in str(c).split("\n")]) + 8
+    left = max(text_size(d, r, f)[0] for r in row_names) + 20
+    head = 2 + 18 * max(len(str(c).split("\n")) for c in col_names)
+    width = max(left + n * cell + 10, text_size(d, title, font(20))[0] + 30, text_size(d, note, f)[0] + 30)
+    im, d, top = canvas(width, 0, title, note)  # height fixed below
+    im = im.resize((int(width), top + head + len(rows) * (H * scale + 8) + 10))
+    im.paste((255, 255, 255), (0, 0, im.width, im.height))
+    im2, d, top = canvas(im.width, im.height, title, note)
+    for j, c in enumerate(col_names):
+        for k, part in enumerate(str(c).split("\n")):
+            d.text((left + j * cell + (cell - text_size(d, part, f)[0]) / 2, top + 18 * k), part, fill="black", font=f)
+    for i, (r, name) in enumerate(zip(rows, row_names)):
+        y0 = top + head + i * (H * scale + 8)
+        d.text((10, y0 + H * scale / 2 - 8), name, fill="black", font=f)
+        for j, img in enumerate(r.float().cpu().clamp(0, 1)):
+            tile = Image.fromarray(img.expand(3, H, W).mul(255).round().byte().permute(1, 2, 0).numpy())
+            im2.paste(tile.resize((W * scale, H * scale), Image.NEAREST), (int(left + j * cell + (cell - W * scale) / 2), y0))
+    save_png(im2, path)
+
+
+def legend(d, x, y, items):
+    """Coloured squares with labels, one per line, from (x, y)."""
+    f = font(14)
+    for k, (label, colour) in enumerate(items):
+        d.rectangle([x, y + 20 * k + 3, x + 12, y + 20 * k + 15], fill=colour)
+        d.text((x + 18, y + 20 * k), label, fill="black", font=f)
+
+
+def bars(path, title, ylabel, groups, series, note=""):
+    """Grouped bar chart on 0..100: groups (names on the x axis), series [(label, colour, [value or None per group])]."""
+    gw, bw = 40 + 34 * len(series), 30
+    im, d, top = canvas(max(120 + len(groups) * gw + 260, 640), 480, title, note)
+    x0, y0, h = 80, top + 20, 330  # plot area: x0.., y0..y0 + h
+    to_y = lambda v: y0 + h - v / 100 * h
+    f = font(13)
+    for v in range(0, 101, 20):
+        d.line([x0, to_y(v), x0 + len(groups) * gw, to_y(v)], fill=(225, 225, 225))
+        d.text((x0 - 36, to_y(v) - 8), f"{v}", fill="black", font=f)
+    d.text((8, y0 - 18), ylabel, fill="black", font=font(14))
+    for g, name in enumerate(groups):
+        for s, (label, colour, values) in enumerate(series):
+            v, x = values[g], x0 + g * gw + 20 + s * 34
+            if v is None:
+                d.text((x + 2, to_y(0) - 18), "n/a", fill=GREY, font=f)
+                continue
+            d.rectangle([x, to_y(v), x + bw, to_y(0)], fill=colour)
+            d.text((x + bw / 2 - text_size(d, f"{v:.0f}", f)[0] / 2, to_y(v) - 17), f"{v:.0f}", fill="black", font=f)
+        d.text((x0 + g * gw + gw / 2 - text_size(d, name, font(14))[0] / 2, y0 + h + 8), name, fill="black", font=font(14))
+    d.line([x0, y0 + h, x0 + len(groups) * gw, y0 + h], fill="black")
+    legend(d, x0 + len(groups) * gw + 20, y0, [(label, colour) for label, colour, _ in series])
     save_png(im, path)
 
 
-def exp_transfer(cfg, dev):
-    """Ilyas Fig. 3: architectures that learn more from the source's D_det are those its adversarial examples
-    transfer to. D_det is built on the standard model of --transfer-source (the paper's: ResNet-50). For each
-    architecture: test accuracy after training on that D_det, and the share of D_det's targeted examples that
-    a standard model of it classifies as the target. As in the paper, the source's own row is self-transfer:
-    the source model itself is attacked (the paper's 100%); every other architecture's is an independently
-    trained standard model. The paper's numbers are attached only when the source is resnet50, as there."""
-    cfg, data = cifar(cfg, dev)
-    src_cfg = dataclasses.replace(cfg, arch=cfg.transfer_source)
-    source = standard_model(src_cfg, dev, data)
-    ds = build_relabelled(src_cfg, dev, data, "d_det")
-    xa, t = ds["images"].to(dev), ds["labels"].to(dev)
-    paper = {"resnet18": (41, 92), "resnet50": (45, 100), "vgg16": (28, 66)} if cfg.transfer_source == "resnet50" else {}
-    recs, points = [], []
-    for arch in cfg.transfer_archs.split(","):
-        acfg = dataclasses.replace(cfg, arch=arch, width=cfg.width if arch == cfg.transfer_source else
-                                   cfg.transfer_width or cfg.width)
-        attacked = source if arch == cfg.transfer_source else standard_model(acfg, dev, data)
-        transfer = 100 * (predict(attacked, xa, cfg.attack_batch) == t).float().mean().item()
-        acc = 100 * accuracy(constructed_model(acfg, dev, "d_det", ds), data[2], data[3], cfg.attack_batch)
-        p = paper.get(arch, (None, None))
-        recs += [record(cfg, "transfer", "D_det-trained test acc", acc, p[0], arch, source=cfg.transfer_source),
-                 record(cfg, "transfer", "transfer rate", transfer, p[1], arch, source=cfg.transfer_source,
-                        self_transfer=arch == cfg.transfer_source)]
-        points.append((arch + (" (source)" if arch == cfg.transfer_source else ""), transfer, acc))
-    scatter(os.path.join(cfg.out, "transfer.png"), points, "transfer rate (%)", "test acc after training on D_det (%)")
-    return recs
+def plot(path, title, xlabel, ylabel, series, xlog=False, note="", xlim=None, ylim=None):
+    """Scatter / line plot. series: [dict(label, colour, points [(x, y)], line (bool), names (a label per point))].
+    xlog: log10 x axis. Point labels are nudged down until they do not overlap."""
+    pts = [p for s in series for p in s["points"]]
+    tx = (lambda v: math.log10(max(v, 1e-300))) if xlog else (lambda v: v)
+    (xa, xb), (ya, yb) = xlim or (min(tx(p[0]) for p in pts), max(tx(p[0]) for p in pts)), \
+        ylim or (min(p[1] for p in pts), max(p[1] for p in pts))
+    if xlim is None:
+        xa, xb = xa - 0.05 * (xb - xa or 1), xb + 0.05 * (xb - xa or 1)
+    if ylim is None:
+        ya, yb = ya - 0.05 * (yb - ya or 1), yb + 0.05 * (yb - ya or 1)
+    im, d, top = canvas(900, 640, title, note)
+    x0, y0, w, h = 90, top + 20, 560, 480
+    to = lambda u, v: (x0 + (tx(u) - xa) / (xb - xa) * w, y0 + h - (v - ya) / (yb - ya) * h)
+    f = font(13)
+    d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+    for k in range(6):
+        u, v = xa + k * (xb - xa) / 5, ya + k * (yb - ya) / 5
+        px, py = x0 + k * w / 5, y0 + h - k * h / 5
+        d.line([px, y0 + h, px, y0 + h + 5], fill="black")
+        d.text((px - 16, y0 + h + 8), f"1e{u:.1f}" if xlog else f"{u:.3g}", fill="black", font=f)
+        d.line([x0 - 5, py, x0, py], fill="black")
+        d.text((x0 - 60, py - 8), f"{v:.3g}", fill="black", font=f)
+    d.text((x0 + w / 2 - text_size(d, xlabel, font(15))[0] / 2, y0 + h + 30), xlabel, fill="black", font=font(15))
+    d.text((8, y0 - 22), ylabel, fill="black", font=font(15))
+    taken = []
+    for s in series:
+        xy = [to(*p) for p in s["points"]]
+        if s.get("line"):
+            d.line(xy, fill=s["colour"], width=3)
+        for k, (a, b) in enumerate(xy):
+            r = s.get("size", 4)
+            d.ellipse([a - r, b - r, a + r, b + r], fill=s["colour"])
+            if s.get("names"):
+                label, (tw, th) = s["names"][k], text_size(d, s["names"][k], f)
+                y = b - 8
+                while any(abs(y - t[1]) < 16 and abs(a + 7 - t[0]) < max(tw, t[2]) for t in taken):
+                    y += 16
+                taken.append((a + 7, y, tw))
+                d.text((a + 7, y), label, fill="black", font=f)
+    legend(d, x0 + w + 20, y0, [(s["label"], s["colour"]) for s in series])
+    save_png(im, path)
 
+
+def colormap(v, diverging=False):
+    """(H, W) values in [0,1] (diverging: [-1,1]) -> (3, H, W) RGB in [0,1]: black -> red -> yellow, or blue -> white -> red."""
+    if diverging:
+        p, n = v.clamp(0, 1), (-v).clamp(0, 1)
+        return torch.stack([1 - n, 1 - p - n, 1 - p])
+    v = v.clamp(0, 1)
+    return torch.stack([(2 * v).clamp(max=1), (2 * v - 1).clamp(min=0), (4 * v - 3).clamp(min=0)])
+
+
+def tag(cfg):
+    return f"scale {cfg.scale}, seed {cfg.seed}"
+
+
+def dataset_grid(cfg, name, data, ds, n=10):
+    """PNG: original x, start x0 (inversions only), constructed image; columns named by their labels (y > t)."""
+    x, y = data[0], data[1]
+    idx = torch.arange(min(n, len(x)))
+    rows, names = [to_float(x[idx])], ["original x"]
+    if "start" in ds:
+        rows.append(to_float(x[ds["start"][idx].to(x.device)]))
+        names.append("start image x0")
+    rows.append(ds["images"][idx].float())
+    names.append(f"{name} image")
+    cols = [f"{CIFAR_CLASSES[a]}\n> {CIFAR_CLASSES[b]}" if a != b else CIFAR_CLASSES[a]
+            for a, b in zip(y[idx].tolist(), ds["labels"][idx].tolist())]
+    grid(os.path.join(cfg.out, f"{name}.png"), f"{name}: {len(ds['labels'])} images, {tag(cfg)}", rows, names, cols,
+         note=f"source: {ds['key']['models'][0].get('arch', '?')} ({os.path.basename(ds['file'])}); column: label of x"
+              + (" > label of the constructed image" if "true" in ds else ""))
+
+
+def figure_fig2(cfg, recs):
+    """Ilyas Fig. 2 (standard and robust accuracy after training on D, D with adversarial training, D_R, D_NR) and
+    Table 1 (D_rand, D_det), ours beside the paper's."""
+    v = {(r["experiment"], r["metric"]): r["value"] for r in recs}
+    sets, what = ("standard", "robust", "d_r", "d_nr"), ("D (standard)", "D (adv. trained)", "D_R", "D_NR")
+    bars(os.path.join(cfg.out, "fig2.png"), f"Ilyas et al. Fig. 2: models trained on D, D_R, D_NR ({tag(cfg)})",
+         "test accuracy (%)", what,
+         [("ours: standard acc", BLUE, [v.get((e, "standard acc")) for e in sets]),
+          ("paper: standard acc", LIGHT_BLUE, [PAPER.get((e, "standard acc")) for e in sets]),
+          ("ours: robust acc", ORANGE, [v.get((e, RA)) for e in sets]),
+          ("paper: robust acc", LIGHT_ORANGE, [PAPER.get((e, RA)) for e in sets])],
+         note=f"robust acc: L2 PGD at eps 0.25, {cfg.eval_steps} steps of 2.5 eps/steps; our models: {cfg.arch}-{cfg.width}; "
+              f"the paper's: ResNet-50")
+    bars(os.path.join(cfg.out, "table1.png"), f"Ilyas et al. Table 1: D_rand and D_det ({tag(cfg)})",
+         "test accuracy (%) on the real test set", ("D_rand", "D_det"),
+         [("ours", BLUE, [v.get(("d_rand", "standard acc")), v.get(("d_det", "standard acc"))]),
+          ("paper (CIFAR-10)", LIGHT_BLUE, [PAPER[("d_rand", "standard acc")], PAPER[("d_det", "standard acc")]])],
+         note=f"targeted L2 PGD on the standard model, eps {cfg.rel_eps:g}, {cfg.rel_steps} steps of {cfg.rel_step:g}; chance 10%")
+
+
+def figure_transfer(cfg, recs):
+    v = {(r["arch"], r["metric"]): r["value"] for r in recs}
+    archs = list(cfg.transfer_archs)
+    ours = dict(label=f"ours ({cfg.transfer_source} source)", colour=BLUE, points=[
+        (v[(a, "transfer rate")], v[(a, "D_det-trained test acc")]) for a in archs],
+        names=[a + (" (source)" if a == cfg.transfer_source else "") for a in archs])
+    paper = [a for a in ("vgg16", "resnet18", "resnet50")]
+    theirs = dict(label="paper (resnet50 source)", colour=LIGHT_ORANGE, names=paper, points=[
+        (PAPER[("transfer", "transfer rate", a)], PAPER[("transfer", "D_det-trained test acc", a)]) for a in paper])
+    plot(os.path.join(cfg.out, "transfer.png"), f"Ilyas et al. Fig. 3: transfer vs learnability ({tag(cfg)})",
+         "transfer rate of the source's D_det examples (%)", "test accuracy after training on D_det (%)",
+         [ours, theirs], xlim=(0, 100), ylim=(0, 60), note="each point an architecture; widths: source "
+         f"{cfg.width}, others {cfg.transfer_width or cfg.width}")
+
+
+def figure_frequency(cfg, maps, originals, labels, filtered):
+    """frequency.png: the two Fourier heat maps and their difference; filtered.png: test images and their filtered
+    versions (as the models see them, and the high-pass ones contrast-stretched x5 to show what is left)."""
+    diff = (maps["robust"] - maps["standard"]) / 100
+    grid(os.path.join(cfg.out, "frequency.png"), f"Gilmer & Hendrycks: Fourier heat maps ({tag(cfg)})",
+         [torch.stack([colormap(maps["standard"] / 100), colormap(maps["robust"] / 100), colormap(diff, diverging=True)])],
+         ["error rate"], ["standard model", "robust model", "robust - standard"], scale=8,
+         note=f"each pixel: a Fourier basis image of L2 norm {cfg.freq_norm:g} (frequency 0 at the centre, +-16 at the "
+              f"edges); black 0% -> red -> yellow 100% error; difference: blue robust lower, red robust higher")
+    hp = filtered["high-pass"]
+    grid(os.path.join(cfg.out, "filtered.png"), f"Gilmer & Hendrycks: what the filtered models see ({tag(cfg)})",
+         [originals, filtered["low-pass"], hp, (hp - 0.5) * 5 + 0.5], ["test image", f"low-pass <= {cfg.freq_low}",
+                                                                       f"high-pass >= {cfg.freq_high}", "high-pass x5"],
+         [CIFAR_CLASSES[c] for c in labels.tolist()],
+         note="frequencies max(|kx|,|ky|) of the 32x32 DFT; high-pass shifted to grey 0.5 (the models see it so)")
+
+
+def figure_linear_features(cfg, useful, robust, ens, path, robust_point):
+    """linear_features.png: Goh's figure, log robustness vs usefulness of every eigenvector, with both constructions."""
+    plot(os.path.join(cfg.out, "linear_features.png"), f"Goh: useful non-robust linear features, trucks vs frogs ({tag(cfg)})",
+         "robustness ||a||_S / ||a|| (log scale)", "usefulness E[y f(x)]",
+         [dict(label="eigenvectors of S (training images)", colour=LIGHT_BLUE, size=2,
+               points=list(zip(robust.tolist(), useful.tolist()))),
+          dict(label="containment path (1-a) a_nr + a a_r", colour=ORANGE, line=True, size=1,
+               points=list(zip(path[1].tolist(), path[0].tolist()))),
+          dict(label="a_robust, the most useful", colour=BLUE, size=6, points=[robust_point[::-1]], names=["a_robust"]),
+          dict(label="ensemble: held-out usefulness", colour=(200, 0, 0), size=6, points=[ens["ensemble"]],
+               names=["ensemble (test)"]),
+          dict(label="shuffled-label control (test)", colour=GREY, size=6, points=[ens["shuffled-label control"]],
+               names=["control (test)"])], xlog=True,
+         note="usefulness on the training images, each direction's sign chosen there; ensemble and control on test images")
+
+
+# =====================================================================================================================
+# Files: the datasets' formats, checkpoints (advex's, MadryLab's, RobustBench's), released datasets, images
+# =====================================================================================================================
+
+CIFAR_BATCH = 10000  # images in each of the six official batch files (the tests write smaller ones)
+CIFAR_FILES = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+               "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+               "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}  # md5
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MADRY_MEAN, MADRY_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # MadryLab's and RobustBench's CIFAR-10
+
+
+def why(e):
+    """An exception as one whole line: its type, and the first line of its message when it has one."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def file_sha1(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:10]
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The official CIFAR-10 batches are Python 2 pickles of a dict of strings, one numpy uint8 array and lists
+    of ints: numpy's array reconstruction is the only code they need. Anything else a file names (os.system,
+    ...) is refused before it can run."""
+    SAFE = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.SAFE:
+            raise AdvexError(f"refuses to load {module}.{name}: a CIFAR-10 batch holds only arrays, lists and strings")
+        return super().find_class(module, name)
+
+
+def _download(dataset, root):
+    """torchvision's download of CIFAR10 / MNIST / FashionMNIST into root (torchvision is imported only when it is
+    needed: it costs a second of start-up). On failure say so, and remove root if the attempt created it."""
+    existed = os.path.exists(root)
+    try:
+        import torchvision
+        getattr(torchvision.datasets, dataset)(root, download=True)
+    except Exception as e:
+        log(f"advex: {dataset} download failed ({why(e)})")
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def load_cifar10(root, download=True, warn=True):
+    """CIFAR-10 from ROOT/cifar-10-batches-py (torchvision's layout), downloading it when missing and allowed.
+    A copy whose md5 sums differ from the official ones but whose format is right (e.g. one rebuilt from
+    JPEGs) is used, with a warning when `warn`. Each batch must hold CIFAR_BATCH uint8 images of 3072 values
+    and as many labels in 0..9. Returns uint8 (50000,3,32,32), int64 (50000,), uint8 (10000,3,32,32),
+    int64 (10000,) on the CPU."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    missing = lambda: [n for n in CIFAR_FILES if not os.path.isfile(os.path.join(folder, n))]
+    if missing() and download:
+        _download("CIFAR10", root)
+    if missing():
+        raise AdvexError(f"CIFAR-10 not found: {folder}/ lacks {', '.join(missing())} "
+                         f"(needs data_batch_1..5 and test_batch; see README, 'Data')")
+    if warn and any(hashlib.md5(open(os.path.join(folder, n), "rb").read()).hexdigest() != md5
+                    for n, md5 in CIFAR_FILES.items()):
+        log(f"advex: warning: CIFAR-10 in {folder} differs from the official md5 sums (a re-encoded copy?); using it")
+    splits = []
+    for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
+        xs, ys = [], []
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                with open(path, "rb") as f:
+                    d = _CifarUnpickler(f, encoding="latin1").load()  # the official files are Python 2 pickles
+                x, y = torch.as_tensor(d["data"]), torch.as_tensor(d["labels"])
+            except AdvexError as e:
+                raise AdvexError(f"CIFAR-10 file {path} {e}") from None
+            except Exception as e:
+                raise AdvexError(f"corrupt CIFAR-10 file {path}: not a batch dict with 'data' and 'labels' ({why(e)})") from None
+            problem = (f"pixels are {x.dtype}, not uint8" if x.dtype != torch.uint8 else
+                       f"data is {tuple(x.shape)}, not ({CIFAR_BATCH}, 3072)" if x.shape != (CIFAR_BATCH, 3072) else
+                       f"labels are {y.dtype} {tuple(y.shape)}, not {CIFAR_BATCH} integers"
+                       if y.dtype != torch.int64 or y.shape != (CIFAR_BATCH,) else
+                       f"labels run from {y.min().item()} to {y.max().item()}, not 0..9" if y.min() < 0 or y.max() > 9 else "")
+            if problem:
+                raise AdvexError(f"corrupt CIFAR-10 file {path}: {problem}")
+            xs.append(x.view(-1, 3, 32, 32))
+            ys.append(y)
+        splits += [torch.cat(xs), torch.cat(ys)]
+    return tuple(splits)
+
+
+def read_idx(path, dims):
+    """An IDX file (MNIST's format): magic 0x00 0x00 0x08 DIMS (uint8 data), DIMS big-endian uint32 sizes, data."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    head = 4 + 4 * dims
+    if len(raw) < head or raw[:4] != bytes([0, 0, 8, dims]):
+        raise AdvexError(f"{path} is not an IDX file of {dims}-d uint8 data (its first bytes are {raw[:4].hex() or 'missing'})")
+    shape = struct.unpack(f">{dims}I", raw[4:head])
+    if len(raw) - head != math.prod(shape):
+        raise AdvexError(f"{path} holds {len(raw) - head} bytes of data; its header says {math.prod(shape)} (truncated?)")
+    return torch.frombuffer(bytearray(raw[head:]), dtype=torch.uint8).view(*shape)
+
+
+def load_mnist(root, fashion=False, download=True):
+    """MNIST or Fashion-MNIST from ROOT/{MNIST,FashionMNIST}/raw (torchvision's layout: IDX files), downloading
+    them when missing and allowed. Returns uint8 (60000,1,28,28), int64 (60000,), uint8 (10000,1,28,28),
+    int64 (10000,)."""
+    name = "FashionMNIST" if fashion else "MNIST"
+    raw = os.path.join(root, name, "raw")
+    missing = lambda: [f for f in MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
+    if missing() and download:
+        _download(name, root)
+    if missing():
+        raise AdvexError(f"{name} not found: {raw}/ lacks {', '.join(missing())}")
+    out = []
+    for split in ("train", "t10k"):
+        x = read_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), 3)
+        y = read_idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), 1).long()
+        if x.shape[1:] != (28, 28) or len(x) != len(y) or y.min() < 0 or y.max() > 9:
+            raise AdvexError(f"corrupt {name} files in {raw}/: images {tuple(x.shape)}, {len(y)} labels in "
+                             f"{y.min().item()}..{y.max().item()}")
+        out += [x.unsqueeze(1).contiguous(), y]
+    return tuple(out)
+
+
+def first_n(n, size, flag):
+    """How many of `size` images a --n-train / --n-test of n means: 0 = all; more than there are: all, said."""
+    if n > size:
+        log(f"advex: --{flag} {n} is more than the {size} images there; using {size}")
+    return min(n, size) if n else size
+
+
+def cifar_full(cfg):
+    """All of CIFAR-10 on the CPU (the md5 warning once per --out and --data)."""
+    seen = os.path.join(cfg.out, "artifacts", f".cifar-checked-{settings_key(os.path.abspath(cfg.data))}")
+    data = load_cifar10(cfg.data, cfg.download, warn=not os.path.isfile(seen))
+    save_atomic("md5 sums checked; a warning, if any, was printed once\n", seen)
+    return data
+
+
+def cifar(cfg, dev):
+    """CIFAR-10 on the device: the first --n-train training and --n-test test images, uint8 (N,3,32,32), int64
+    labels. Returns cfg with n_train / n_test set to the numbers used, and (xtr, ytr, xte, yte)."""
+    xtr, ytr, xte, yte = cifar_full(cfg)
+    ntr, nte = first_n(cfg.n_train, len(xtr), "n-train"), first_n(cfg.n_test, len(xte), "n-test")
+    return (dataclasses.replace(cfg, n_train=ntr, n_test=nte),
+            (xtr[:ntr].to(dev), ytr[:ntr].to(dev), xte[:nte].to(dev), yte[:nte].to(dev)))
+
+
+def mnist_and_fashion(cfg, dev):
+    """MNIST (train and test) and the Fashion-MNIST training images (never its labels), the first --n-train and
+    --n-test, on the device: cfg with the counts used, and (xm, ym, xf, xmt, ymt)."""
+    xm, ym, xmt, ymt = load_mnist(cfg.data, False, cfg.download)
+    xf = load_mnist(cfg.data, True, cfg.download)[0]
+    n = first_n(cfg.n_train, min(len(xm), len(xf)), "n-train")
+    cfg = dataclasses.replace(cfg, n_train=n, n_test=first_n(cfg.n_test, len(xmt), "n-test"))
+    return cfg, (xm[:n].to(dev), ym[:n].to(dev), xf[:n].to(dev), xmt[:cfg.n_test].to(dev), ymt[:cfg.n_test].to(dev))
+
+
+def _resnet50_state(d, path):
+    """advex's state_dict of a ResNet-50 from a MadryLab robustness checkpoint ({'model' (older: 'state_dict'): keys
+    'module.model.*', 'module.attacker.model.*' (a copy), 'module.normalizer.new_mean' / 'new_std'}) or RobustBench's
+    (the network's keys alone or under 'state_dict', normalisation mu / sigma or MadryLab's constants).
+    Their names: conv1, bn1, layerL.J.{conv1,bn1,conv2,bn2,conv3,bn3,shortcut.0,shortcut.1}, linear."""
+    sd = d.get("model", d.get("state_dict", d)) if isinstance(d, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AdvexError(f"{path} is neither an advex checkpoint nor a MadryLab / RobustBench ResNet-50 state_dict")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    mean = sd.get("normalizer.new_mean", sd.get("mu", torch.tensor(MADRY_MEAN)))
+    std = sd.get("normalizer.new_std", sd.get("sigma", torch.tensor(MADRY_STD)))
+    out = {"mean": mean.reshape(1, 3, 1, 1).float(), "std": std.reshape(1, 3, 1, 1).float()}
+    first = dict(zip("1234", itertools.accumulate([1, 3, 4, 6])))  # body index of each layer's first block
+    sub = {"conv1": "body.0", "bn1": "body.1", "conv2": "body.3.0", "bn2": "body.3.1", "conv3": "body.4", "bn3": "body.5",
+           "shortcut": "skip"}
+    for k, v in sd.items():
+        k = k.removeprefix("model.")
+        if k.startswith(("attacker.", "normalizer.")) or k in ("mu", "sigma"):
+            continue
+        top, block = re.fullmatch(r"(conv1|bn1|linear)\.(.+)", k), re.fullmatch(r"layer([1-4])\.(\d+)\.(\w+?)\.(.+)", k)
+        if top:
+            out[{"conv1": "body.0.0", "bn1": "body.0.1", "linear": "head"}[top[1]] + "." + top[2]] = v
+        elif block and block[3] in sub:
+            out[f"body.{first[block[1]] + int(block[2])}.{sub[block[3]]}.{block[4]}"] = v
+        else:
+            raise AdvexError(f"{path}: unexpected key {k!r} for a CIFAR ResNet-50")
+    return out
+
+
+def load(path, device="cpu"):
+    """A ready model from a checkpoint file, in eval mode on `device`: advex's own (OUT/artifacts/NAME-ARCH-sSEED-KEY.pt;
+    results.json names each model's file), MadryLab's robustness release (cifar_nat.pt, cifar_l2_0_5.pt) or
+    RobustBench's CIFAR-10 ResNet-50 (Engstrom2019Robustness). It takes images in [0,1], (B, 3, 32, 32), and returns
+    logits (B, 10): the convention of RobustBench, AutoAttack and torchattacks. Read with weights_only=True."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, or a file that needs code to unpickle (dill objects, ...)
+        raise AdvexError(f"cannot read {path} with weights_only=True ({why(e)}); if it is a trusted MadryLab file, "
+                         f"save its ['model'] state_dict alone with torch.save and pass that") from None
+    if isinstance(d, dict) and isinstance(d.get("state_dict"), dict) and isinstance(d.get("arch"), str):
+        r, state = dict(arch=d["arch"], width=d.get("width", 64), classes=d.get("classes", 10)), d["state_dict"]
+    else:
+        r, state = dict(arch="resnet50", width=64, classes=10), _resnet50_state(d, path)
+    model = new_model(r, torch.device(device))
+    state = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **state}
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise AdvexError(f"{path} does not fit a {r['arch']} model ({why(e)})") from None
+    model.arch = r["arch"]
+    return model
+
+
+def external_model(path, role, dev):
+    """--standard-from / --robust-from: a loaded source model, keyed by its file's hash and named by its file."""
+    model = load(path, dev)
+    model.name, model.key = f"{role} (from {os.path.basename(path)})", dict(file=file_sha1(path), arch=model.arch)
+    return model
+
+
+def load_released(folder):
+    """A dataset in the layout MadryLab released for Ilyas et al. (and --export writes): FOLDER/CIFAR_ims (float
+    images in [0,1], (N,3,32,32)) and FOLDER/CIFAR_lab ((N,) class indices), each a tensor or a list of tensors
+    saved with torch.save. Returns float32 images and int64 labels on the CPU."""
+    parts = []
+    for name in ("CIFAR_ims", "CIFAR_lab"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise AdvexError(f"released dataset: {path} not found (expected CIFAR_ims and CIFAR_lab in {folder})")
+        try:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdvexError(f"released dataset: cannot read {path} ({why(e)})") from None
+        if isinstance(t, (list, tuple)) and t and all(isinstance(u, torch.Tensor) for u in t):
+            t = torch.cat([u.reshape(-1, *u.shape[1:]) if u.dim() else u.view(1) for u in t])
+        if not isinstance(t, torch.Tensor):
+            raise AdvexError(f"released dataset: {path} holds {type(t).__name__}, not a tensor or list of tensors")
+        parts.append(t)
+    ims, lab = parts
+    if ims.dim() != 4 or ims.shape[1:] != (3, 32, 32) or not ims.is_floating_point():
+        raise AdvexError(f"released dataset: CIFAR_ims is {ims.dtype} {tuple(ims.shape)}, expected float (N,3,32,32)")
+    if lab.dim() != 1 or len(lab) != len(ims) or lab.is_floating_point() and (lab != lab.round()).any():
+        raise AdvexError(f"released dataset: CIFAR_lab is {lab.dtype} {tuple(lab.shape)}, expected ({len(ims)},) class indices")
+    lab = lab.long()
+    if not torch.isfinite(ims).all() or ims.min() < 0 or ims.max() > 1 or lab.min() < 0 or lab.max() > 9:
+        raise AdvexError("released dataset: images must be finite in [0,1] and labels in 0..9")
+    return ims.float(), lab
+
+
+def export_dataset(cfg, name, ds):
+    """--export DIR: a constructed set in MadryLab's released layout, DIR/NAME-sSEED/CIFAR_ims (float32 (N,3,32,32),
+    exactly the values advex trains on; uint8 would move each image by ~0.06 of L2) and CIFAR_lab (int64 (N,))."""
+    if cfg.export:
+        folder = os.path.join(cfg.export, f"{name}-s{cfg.seed}")
+        save_atomic(ds["images"].float(), os.path.join(folder, "CIFAR_ims"))
+        save_atomic(ds["labels"].long(), os.path.join(folder, "CIFAR_lab"))
+        log(f"[{name}] exported to {folder}/ (train-on --dataset {folder} reads it)")
+
+
+def read_image(path):
+    """An image file (JPEG, PNG, ...: what Pillow, torchvision's image library, reads) as (3, H, W) float in [0,1]."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return torch.tensor(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8).view(im.height, im.width, 3) \
+                .permute(2, 0, 1).float() / 255
+    except Exception as e:
+        raise AdvexError(f"cannot read image {path} ({why(e)})") from None
+
+
+# =====================================================================================================================
+# CLI: python advex.py EXPERIMENT [--key value ...], flags generated from Config
+# =====================================================================================================================
 
 def exp_report(cfg, dev):
-    """Print where the time went (the stages timed since --since) and the claims; rewrite results.md."""
-    res = read_results(cfg.out)
+    """Print where the time went (the stages timed since --since) and the claims of one scale (--scale, default: the
+    latest run's); rewrite results.md for that scale."""
+    res = read_results(cfg.out, must_exist=True)
+    scale = cfg.scale or latest_scale(res)
     log(stage_table([s for s in res["stages"] if s["time"] >= cfg.since], time.time() - cfg.since if cfg.since else None))
-    log("\n".join(f"{verdict:8s} {claim} ({criterion}; ours: {ours or '-'})"
-                  for claim, criterion, ours, verdict in check_claims(res["records"])))
+    log(f"claims, scale {scale}" + (" (quick: tiny sizes; these verdicts mean nothing)" if scale == "quick" else "") + ":")
+    log("\n".join(f"{verdict:8s} {claim} ({criterion}; ours: {ours or '-'}; run {run or '-'})"
+                  for claim, criterion, ours, verdict, run in check_claims([r for r in res["records"] if r["scale"] in (scale, "any")])))
+    save_atomic(results_table(res, scale), os.path.join(cfg.out, "results.md"))
     return []
 
 
+SEC3 = "train eval adv inv rel con export standard_from robust_from"
+# name: (function, the Config fields it reads besides SHARED: names, name prefixes (adv: adv_*) or 'train')
 EXPERIMENTS = {
-    "standard": exp_standard,
-    "robust": exp_robust,
-    "d_r": lambda cfg, dev: exp_constructed(cfg, dev, "d_r"),
-    "d_nr": lambda cfg, dev: exp_constructed(cfg, dev, "d_nr"),
-    "d_rand": lambda cfg, dev: exp_constructed(cfg, dev, "d_rand"),
-    "d_det": lambda cfg, dev: exp_constructed(cfg, dev, "d_det"),
-    "ilyas": exp_ilyas,
-    "train-on": exp_train_on,
-    "mislabeled": exp_mislabeled,
-    "mnist-fashion": exp_mnist_fashion,
-    "bugs": exp_bugs,
-    "squares": exp_squares,
-    "leakage": exp_leakage,
-    "transfer": exp_transfer,
-    "report": exp_report,
+    "standard": (exp_standard, "train eval standard_from"),
+    "robust": (exp_robust, "train eval adv robust_from"),
+    "d_r": (lambda cfg, dev: exp_constructed(cfg, dev, "d_r"), "train eval adv inv con export robust_from"),
+    "d_nr": (lambda cfg, dev: exp_constructed(cfg, dev, "d_nr"), "train eval inv con export standard_from"),
+    "d_rand": (lambda cfg, dev: exp_constructed(cfg, dev, "d_rand"), "train eval rel con export standard_from"),
+    "d_det": (lambda cfg, dev: exp_constructed(cfg, dev, "d_det"), "train eval rel con export standard_from"),
+    "ilyas": (exp_ilyas, SEC3),
+    "train-on": (exp_train_on, "train eval dataset"),
+    "mislabeled": (exp_mislabeled, "train mis"),
+    "mnist-fashion": (exp_mnist_fashion, "n_train n_test mnist momentum wd"),
+    "bugs": (exp_bugs, "train bugs standard_from"),
+    "squares": (exp_squares, "arch width squares"),
+    "leakage": (exp_leakage, "train leak adv_steps rel con standard_from"),
+    "transfer": (exp_transfer, "train transfer rel con"),
+    "frequency": (exp_frequency, "train adv freq standard_from robust_from"),
+    "linear-features": (exp_linear_features, "lin"),
+    "style": (exp_style, "train adv style content_image standard_from robust_from"),
+    "report": (exp_report, "since"),
 }
+SHARED = ("data", "out", "download", "device", "compile", "attack_batch", "seed", "seeds", "scale")
+TRAIN = ("arch", "width", "n_train", "n_test", "epochs", "batch", "lr", "momentum", "wd", "augment")
 
 
-# =============================================================================================
-# CLI: python advex.py EXPERIMENT [--key value ...], flags generated from Config
-# =============================================================================================
+def fields_read(experiment):
+    """The Config fields an experiment reads, SHARED first, in Config's order within each part."""
+    tokens = EXPERIMENTS[experiment][1].split() if experiment in EXPERIMENTS else []
+    own = [f for f in CONFIG_FIELDS_ORDER if f not in SHARED and any(
+        f == t or f.startswith(t + "_") or t == "train" and f in TRAIN for t in tokens)]
+    return list(SHARED) + own
+
+
+CONFIG_FIELDS_ORDER = [f.name for f in dataclasses.fields(Config)]
+
 
 def _field_help():
     """Each Config field's trailing comment, read from this file, becomes its --help text."""
-    import inspect
-    src = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", src, re.M))
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
 
 
 def _bool(s):
@@ -1791,88 +2465,124 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-# Numbers that may be 0 (all images; no perturbation; no decay or momentum); every other number must be > 0.
-ZERO_OK = {"n_train", "n_test", "seed", "since", "adv_eps", "rel_eps", "leak_eps", "wd", "momentum", "transfer_width"}
-
-
-def check_config(cfg, given):
-    """Every setting checked before any data is read or any model trained: one clear error, exit 2."""
-    for f in dataclasses.fields(Config):
-        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if not (math.isfinite(v) and (v >= 0 if f.name in ZERO_OK else v > 0)):
-                raise AdvexError(f"{flag} must be a finite number {'>= 0' if f.name in ZERO_OK else '> 0'}, got {v}")
-    if cfg.momentum >= 1:
-        raise AdvexError(f"--momentum must be below 1, got {cfg.momentum}")
-    archs = cfg.transfer_archs.split(",")
-    for name, values in (("arch", [cfg.arch]), ("transfer-source", [cfg.transfer_source]), ("transfer-archs", archs)):
-        for a in values:
-            if a not in ARCHS:
-                raise AdvexError(f"unknown --{name} {a!r}; choose from {', '.join(ARCHS)}")
-    if cfg.transfer_source not in archs or len(set(archs)) < len(archs):
-        raise AdvexError(f"--transfer-archs {cfg.transfer_archs!r} must list each architecture once, the source "
-                         f"--transfer-source {cfg.transfer_source} among them (Fig. 3's self-transfer point)")
-    if cfg.width < 2 or cfg.transfer_width == 1:  # fastnet's stem has width // 2 channels
-        raise AdvexError(f"--width and --transfer-width must be >= 2 (or --transfer-width 0), got {cfg.width}, "
-                         f"{cfg.transfer_width}")
-    for name, value, choices in (("scale", cfg.scale, SCALES), ("inv-method", cfg.inv_method, ("fast", "paper"))):
-        if value not in choices:
-            raise AdvexError(f"unknown --{name} {value!r}; choose from {', '.join(choices)}")
+def _number(s):
+    """A float, or a fraction such as 8/255 (how Linf bounds are written)."""
+    a, _, b = str(s).partition("/")
     try:
-        eps = parse_floats(cfg.eval_eps)
-        seeds = [int(v) for v in cfg.seeds.split(",") if v.strip()] or [cfg.seed]
-    except ValueError as e:
-        raise AdvexError(f"bad number in --eval-eps or --seeds: {e}") from None
-    if not eps or not all(0 <= e < math.inf for e in eps):
-        raise AdvexError(f"--eval-eps must be a comma list of finite radii >= 0, got {cfg.eval_eps!r}")
-    if any(s < 0 for s in seeds):
-        raise AdvexError(f"--seeds must be >= 0, got {cfg.seeds!r}")
-    if not 0 < cfg.mis_teacher_acc <= 100:
-        raise AdvexError(f"--mis-teacher-acc is a percentage in (0, 100], got {cfg.mis_teacher_acc}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise AdvexError(f"unknown --device {cfg.device!r}; choose auto, cpu, cuda or cuda:N")
+        return float(a) / float(b) if b else float(a)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number (or a fraction such as 8/255), got {s!r}") from None
+
+
+def parse_args(argv):
+    """(experiment, cfg): the flags parsed, the --scale preset applied to every field not given, every value checked."""
+    experiment = argv[0] if argv and argv[0] in EXPERIMENTS else None
+    reads, helps = fields_read(experiment), _field_help()
+    p = argparse.ArgumentParser(prog="advex.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                epilog=f"experiments: {', '.join(EXPERIMENTS)}; `advex.py EXPERIMENT --help` lists "
+                                       f"the flags it reads. Other flags are accepted (run_all.sh passes its flags to "
+                                       f"every line) and ignored with a note.")
+    p.error = lambda msg: (_ for _ in ()).throw(AdvexError(msg))  # one line, exit 2 (see main)
+    p.add_argument("experiment", choices=list(EXPERIMENTS), help="what to run")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in reads + [f for f in CONFIG_FIELDS_ORDER if f not in reads]:
+        f, flag = fields[name], "--" + name.replace("_", "-")
+        allowed = f.metadata.get("allowed", ">0" if f.type in (int, float) or f.type is tuple and f.default and
+                                 isinstance(f.default[0], float) else None)
+        shown = f" [{', '.join(allowed) if isinstance(allowed, tuple) else allowed}]" if isinstance(allowed, (str, tuple)) else ""
+        text = f"{helps.get(name, '')}{shown} (default: {f.default!r})".replace("%", "%%") if name in reads else argparse.SUPPRESS
+        element = type(f.default[0]) if f.type is tuple else f.type
+        typ = {bool: _bool, int: int, float: _number, str: str}[element]
+        if f.type is tuple:
+            p.add_argument(flag, dest=name, default=None, help=text,
+                           type=lambda s, t=typ: tuple(t(v) for v in s.split(",") if v.strip()))
+        elif f.type is bool:
+            p.add_argument(flag, dest=name, type=_bool, nargs="?", const=True, default=None, help=text)
+        else:
+            p.add_argument(flag, dest=name, type=typ, default=None, help=text)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    experiment = given.pop("experiment")
+    unused = [k for k in given if k not in reads]
+    if unused:
+        log(f"advex: note: {experiment} does not read {', '.join('--' + k.replace('_', '-') for k in unused)}")
+    cfg = Config(**given)
+    check_config(cfg)  # --scale first of all
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in SCALES[cfg.scale].items() if k not in given})
+    if cfg.inv_method == "paper":  # the paper's 1000 steps of 0.1, unless the steps or the step are given
+        cfg = dataclasses.replace(cfg, inv_steps=given.get("inv_steps", 1000), inv_step=given.get("inv_step", 0.1))
+    check_config(cfg, experiment)
+    if experiment == "report" and "scale" not in given:
+        cfg = dataclasses.replace(cfg, scale="")  # report: the latest run's scale
+    return experiment, cfg
+
+
+def check_config(cfg, experiment=None):
+    """Every setting checked before any data is read or any model trained: one clear error, exit 2. Each field's
+    allowed values are beside it in Config (a number without knob(...) must be finite and > 0)."""
+    for f in dataclasses.fields(Config):
+        v, flag, allowed = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata.get("allowed")
+        if f.type is tuple and not v:
+            raise AdvexError(f"{flag} needs at least one value")
+        for u in v if f.type is tuple else (v,):
+            rule = allowed if allowed is not None else ">0" if isinstance(u, (int, float)) and not isinstance(u, bool) else None
+            if rule in RULES and not (math.isfinite(u) and RULES[rule](u)):
+                raise AdvexError(f"{flag} must be a finite number {rule}, got {u}")
+            if isinstance(rule, tuple) and u not in rule:
+                raise AdvexError(f"unknown {flag} {u!r}; choose from {', '.join(rule)}")
+            if isinstance(rule, re.Pattern) and not rule.fullmatch(u):
+                raise AdvexError(f"unknown {flag} {u!r}")
+            if rule == "file" and u and not os.path.isfile(u):
+                raise AdvexError(f"{flag} {u}: no such file")
+    if experiment is None:
+        return
+    if cfg.transfer_source not in cfg.transfer_archs or len(set(cfg.transfer_archs)) < len(cfg.transfer_archs):
+        raise AdvexError(f"--transfer-archs {','.join(cfg.transfer_archs)} must list each architecture once, the source "
+                         f"--transfer-source {cfg.transfer_source} among them (Fig. 3's self-transfer point)")
+    if not (cfg.freq_high <= 16 and cfg.freq_low < 16 and cfg.style_size >= 16):
+        raise AdvexError("--freq-high must be <= 16 and --freq-low < 16 (a 32x32 image's frequencies), --style-size >= 16")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise AdvexError(f"--device {cfg.device} asked for, but CUDA is not available on this machine")
     if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
         raise AdvexError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    try:  # --out: creatable and writable, before hours of training find out it is not
-        os.makedirs(cfg.out, exist_ok=True)
-        probe = os.path.join(cfg.out, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise AdvexError(f"--out {cfg.out} is not a writable folder ({why(e)})") from None
-    read_results(cfg.out)
-    return seeds
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="advex.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.error = lambda msg: (_ for _ in ()).throw(AdvexError(msg))  # one line, exit 2 (see main)
-    p.add_argument("experiment", choices=list(EXPERIMENTS))
-    helps = _field_help()
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")  # argparse %-formats help
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, type=_bool, nargs="?", const=True, default=None, help=text)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=text)
-    a = vars(p.parse_args(argv))
-    experiment = a.pop("experiment")
-    given = {k: v for k, v in a.items() if v is not None}
-    cfg = Config(**given)
-    if cfg.scale not in SCALES:
-        raise AdvexError(f"unknown --scale {cfg.scale!r}; choose from {', '.join(SCALES)}")
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in SCALES[cfg.scale].items() if k not in given})
     if experiment == "train-on" and not cfg.dataset:
         raise AdvexError("train-on needs --dataset DIR (a folder with CIFAR_ims and CIFAR_lab)")
-    return experiment, cfg, check_config(cfg, given)
+    if experiment == "report":
+        read_results(cfg.out, must_exist=True)
+        return
+    for folder, what in ((cfg.out, "--out"), (cfg.export, "--export")):
+        try:  # creatable and writable, before hours of training find out it is not
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+                open(os.path.join(folder, f".write-test{os.getpid()}"), "w").close()
+                os.remove(os.path.join(folder, f".write-test{os.getpid()}"))
+        except OSError as e:
+            raise AdvexError(f"{what} {folder} is not a writable folder ({why(e)})") from None
+    read_results(cfg.out)
+    for path in (cfg.style_image, cfg.content_image):
+        if path:
+            read_image(path)
+    for path in (cfg.standard_from, cfg.robust_from):
+        if path:
+            load(path)
 
 
 def device_name(dev):
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def warn_if_slow(cfg, dev, experiment):
+    """A full-size run on a CPU says up front what its first model alone costs here, measured, and goes on."""
+    if cfg.scale != "full" or dev.type != "cpu" or experiment in ("report", "mnist-fashion", "linear-features"):
+        return
+    model, x = make_model(cfg.arch, cfg.width), torch.rand(32, 3, 32, 32)
+    for _ in range(2):  # the second step is the one timed
+        t0, f0 = time.time(), FLOPS[0]
+        F.cross_entropy(model(x), torch.zeros(32, dtype=torch.long)).backward()
+    rate, first = (FLOPS[0] - f0) / (time.time() - t0), (FLOPS[0] - f0) / 32 * 50000 * cfg.epochs
+    log(f"advex: warning: full size on a CPU. Its first model alone ({cfg.epochs} epochs of 50,000 images, {cfg.arch}) is "
+        f"{first / 1e15:.2f} PFLOP of counted work: ~{fmt_time(first / rate)} at the {rate / 1e9:.0f} GFLOP/s measured here; "
+        f"`{experiment}` does more besides (README, Speed). `--scale cpu` runs every claim on this machine in ~45 minutes. "
+        f"Starting anyway.")
 
 
 def cli(run, prog):
@@ -1894,26 +2604,33 @@ def cli(run, prog):
 
 def main(argv=None):
     def run():
-        experiment, cfg, seeds = parse_args(sys.argv[1:] if argv is None else argv)
+        experiment, cfg = parse_args(sys.argv[1:] if argv is None else argv)
         dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                            "cpu" if cfg.device == "auto" else cfg.device)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        t0 = time.time()
-        for seed in seeds[:1] if experiment == "report" else seeds:  # one report covers every seed
-            c = dataclasses.replace(cfg, seed=seed)
-            log(f"advex {experiment} seed {seed} on {device_name(dev)}, scale {cfg.scale}")
-            STAGES.clear()
-            RUNS.clear()
-            MODELS.clear()  # a checkpoint changed between two in-process calls is read again
-            records = EXPERIMENTS[experiment](c, dev)
-            stages = [dict(s, device=device_name(dev), seed=seed, experiment=experiment) for s in STAGES]
-            write_results(cfg.out, records, RUNS, stages)
-            for r in records:
-                log(f"  {r['experiment']:24s} {r['metric']:42s} {r['value']:9.2f}" +
-                    ("" if r["paper"] is None else f"   (paper {r['paper']:g})"))
-        log(f"advex {experiment}: {fmt_time(time.time() - t0)}; results in {cfg.out}/results.md")
+        hook = nn.modules.module.register_module_forward_hook(count_flops)
+        try:
+            if experiment == "report":
+                return exp_report(cfg, dev)
+            warn_if_slow(cfg, dev, experiment)
+            t0 = time.time()
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+                c = dataclasses.replace(cfg, seed=seed)
+                log(f"advex {experiment} seed {seed} on {device_name(dev)}, scale {cfg.scale}")
+                STAGES.clear()
+                RUNS.clear()
+                MEMO.clear()  # an artifact changed between two in-process calls is read again
+                records = EXPERIMENTS[experiment][0](c, dev)
+                stages = [dict(s, device=device_name(dev), seed=seed, experiment=experiment) for s in STAGES]
+                write_results(cfg.out, records, RUNS, stages, cfg.scale)
+                for r in records:
+                    log(f"  {r['experiment']:24s} {r['metric']:50s} {r['value']:9.2f}" +
+                        ("" if r["paper"] is None else f"   (paper {r['paper']:g})"))
+            log(f"advex {experiment}: {fmt_time(time.time() - t0)}; results in {cfg.out}/results.md")
+        finally:
+            hook.remove()
 
     cli(run, "advex")
 

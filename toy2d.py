@@ -5,10 +5,11 @@ against it; keep the points whose prediction flips, labelled with the flipped (w
 fresh MLP trained only on those; count how many of the original 32 points it gets right. The response
 reports 23/32 for one seed; one seed is an anecdote, so this runs many (default 100) and reports the
 distribution. Every seed has its own data, initialisation and model; all seeds train together as one
-batched MLP (advex.ToyMLP), so 100 seeds take seconds on a CPU.
+batched MLP (ToyMLP), so 100 seeds take seconds on a CPU.
 
-    python toy2d.py                      # 100 seeds: one summary line, runs/toy2d.png, runs/toy2d.json
-    python toy2d.py --seed 7             # the figure for seed 7 instead of the median seed
+    python toy2d.py                      # seeds 0..99: one summary line, runs/toy2d.png, runs/toy2d.json
+    python toy2d.py --seed 100 --seeds 50   # seeds 100..149 (--seed and --seeds mean what they mean in advex.py)
+    python toy2d.py --figure-seed 7      # the figure for seed 7 instead of a median seed
 
 Choices the response leaves open (documented here, reported in the JSON): MLP 2-64-64-2 with ReLU,
 full-batch Adam (lr 0.01, 2000 steps) for both models; PGD 20 steps of 2.5*eps/20; no [0,1] clamp
@@ -23,11 +24,41 @@ import os
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import advex
 
 HIDDEN, LR, FIT_STEPS, PGD_STEPS = 64, 0.01, 2000, 20
+
+
+class BatchedLinear(nn.Module):
+    """S independent linear layers applied at once: x (S*N, din) -> (S*N, dout), the s-th block of N rows
+    through the s-th weight: one MLP per seed, 100 seeds in one batched matmul."""
+
+    def __init__(self, S, din, dout):
+        super().__init__()
+        bound = 1 / math.sqrt(din)  # nn.Linear's default initialisation
+        self.weight = nn.Parameter(torch.empty(S, din, dout).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(S, 1, dout).uniform_(-bound, bound))
+
+    def forward(self, x):
+        S, din, dout = self.weight.shape
+        return torch.baddbmm(self.bias, x.view(S, -1, din), self.weight).view(-1, dout)
+
+
+class ToyMLP(advex.Net):
+    """The toy's MLP, 2 -> h -> h -> 2 with ReLU, one independent copy per seed (S copies). Inputs are points in
+    the plane; no normalisation. Rows are seed-major, so anything that feeds it must keep all S*N rows together
+    (BatchedLinear splits them by seed); advex.pgd attacks it like any advex model."""
+
+    def __init__(self, S=1, hidden=64, classes=2):
+        super().__init__()
+        self.body = nn.Sequential(BatchedLinear(S, 2, hidden), nn.ReLU(), BatchedLinear(S, hidden, hidden), nn.ReLU())
+        self.head = BatchedLinear(S, hidden, classes)
+
+    def features(self, x):  # (S*N, 2) -> (S*N, h)
+        return self.body(x)
 
 
 def make_data(seeds, points):
@@ -44,7 +75,7 @@ def make_data(seeds, points):
 def make_mlp(seeds, salt):
     """A ToyMLP with one slot per seed, slot i initialised from seed i's own generator, so a seed's
     model does not depend on which other seeds run beside it."""
-    model = advex.ToyMLP(len(seeds), HIDDEN)
+    model = ToyMLP(len(seeds), HIDDEN)
     for i, s in enumerate(seeds):
         g = torch.Generator().manual_seed(1000 * salt + s)
         for layer in (model.body[0], model.body[2], model.head):
@@ -107,7 +138,7 @@ def summary(r, points):
 
 def slot(model, i):
     """Seed i's MLP out of a batched ToyMLP, as a ToyMLP with one slot."""
-    one = advex.ToyMLP(1, HIDDEN)
+    one = ToyMLP(1, HIDDEN)
     one.load_state_dict({k: v[i:i + 1] for k, v in model.state_dict().items()})
     return one
 
@@ -124,58 +155,66 @@ def figure(r, i, eps, path, size=300):
     pts = torch.stack([gx.flatten(), gy.flatten()], 1)
     region = lambda m: predict(m, pts).view(size, size)
     background = [(198, 219, 239), (253, 208, 162)]  # class 0 blue, class 1 orange (light)
-    colour = [(33, 113, 181), (230, 85, 13)]
+    colour = [advex.BLUE, advex.ORANGE]
     N = len(r["x"]) // len(r["seeds"])
     sl = slice(i * N, (i + 1) * N)
     x, y, xa, ya, fl, ok = (r[k][sl] for k in ("x", "y", "x_adv", "adv_pred", "flipped", "correct_mask"))
     first, second = slot(r["first"], i), slot(r["second"], i)
-
-    def panel(model, title):
-        reg = region(model)
-        im = Image.new("RGB", (size, size))
-        im.putdata([background[c] for c in reg.flatten().tolist()])
-        d = ImageDraw.Draw(im)
-        d.rectangle([px((0, 1)), px((1, 0))], outline=(120, 120, 120))  # the unit square
-        d.text((5, 5), title, fill="black")
-        return im, d
+    seed = int(r["seeds"][i])
+    out, d, top = advex.canvas(4 * (size + 7) + 10, size + 150, f"Wallace's 2D toy, seed {seed}: learning only from "
+                               f"flipped points ({len(r['seeds'])} seeds run)",
+                               f"Linf eps {eps:g}; MLP 2-{HIDDEN}-{HIDDEN}-2; axes: the two input coordinates, 0 to 1 "
+                               f"(grey square)")
+    f = advex.font(15)
 
     def dot(d, p, c, r=4):
         (u, v) = px(p.tolist())
         d.ellipse([u - r, v - r, u + r, v + r], fill=colour[c], outline="black")
 
-    panels = []
-    im, d = panel(first, "(a) data, eps-boxes, model 1")
-    for p, c in zip(x, y.tolist()):
-        d.rectangle([px((p[0] - eps, p[1] + eps)), px((p[0] + eps, p[1] - eps))], outline=colour[c])
-        dot(d, p, c)
-    panels.append(im)
-    im, d = panel(first, f"(b) {int(fl.sum())} adversarial examples")
-    for p, q, c, f in zip(x, xa, ya.tolist(), fl.tolist()):
-        if f:
-            d.line([px(p.tolist()), px(q.tolist())], fill=(80, 80, 80))
-            dot(d, q, c)
-    panels.append(im)
-    im, d = panel(second, "(c) model 2 on its training set")
-    for q, c, f in zip(xa, ya.tolist(), fl.tolist()):
-        if f:
-            dot(d, q, c)
-    panels.append(im)
-    im, d = panel(second, f"(d) model 2: {int(ok.sum())}/{N} original right")
-    for p, c, good in zip(x, y.tolist(), ok.tolist()):
-        dot(d, p, c)
-        (u, v) = px(p.tolist())
-        if good:
-            d.ellipse([u - 7, v - 7, u + 7, v + 7], outline=(0, 150, 0), width=2)
-        else:
-            d.line([u - 7, v - 7, u + 7, v + 7], fill=(200, 0, 0), width=2)
-            d.line([u - 7, v + 7, u + 7, v - 7], fill=(200, 0, 0), width=2)
-    panels.append(im)
-    out = Image.new("RGB", (4 * size + 30, size + 10), "white")
-    for k, p in enumerate(panels):
-        out.paste(p, (5 + k * (size + 7), 5))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    out.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    def panel(k, model, title, draw):
+        im = Image.new("RGB", (size, size))
+        im.putdata([background[c] for c in region(model).flatten().tolist()])
+        pd = ImageDraw.Draw(im)
+        pd.rectangle([px((0, 1)), px((1, 0))], outline=(120, 120, 120))  # the unit square
+        draw(pd)
+        out.paste(im, (5 + k * (size + 7), top + 24))
+        d.text((5 + k * (size + 7), top), title, fill="black", font=f)
+
+    def a(pd):
+        for p, c in zip(x, y.tolist()):
+            pd.rectangle([px((p[0] - eps, p[1] + eps)), px((p[0] + eps, p[1] - eps))], outline=colour[c])
+            dot(pd, p, c)
+
+    def b(pd):
+        for p, q, c, fi in zip(x, xa, ya.tolist(), fl.tolist()):
+            if fi:
+                pd.line([px(p.tolist()), px(q.tolist())], fill=(80, 80, 80))
+                dot(pd, q, c)
+
+    def c_(pd):
+        for q, c, fi in zip(xa, ya.tolist(), fl.tolist()):
+            if fi:
+                dot(pd, q, c)
+
+    def d_(pd):
+        for p, c, good in zip(x, y.tolist(), ok.tolist()):
+            dot(pd, p, c)
+            (u, v) = px(p.tolist())
+            if good:
+                pd.ellipse([u - 7, v - 7, u + 7, v + 7], outline=(0, 150, 0), width=2)
+            else:
+                pd.line([u - 7, v - 7, u + 7, v + 7], fill=(200, 0, 0), width=2)
+                pd.line([u - 7, v + 7, u + 7, v - 7], fill=(200, 0, 0), width=2)
+
+    panel(0, first, "(a) data, eps-boxes, model 1", a)
+    panel(1, first, f"(b) {int(fl.sum())} flipped examples", b)
+    panel(2, second, "(c) model 2 on its training set", c_)
+    panel(3, second, f"(d) model 2: {int(ok.sum())}/{N} original right", d_)
+    advex.legend(d, 10, top + size + 34, [("class 0 (points) / its region (background)", colour[0]),
+                                          ("class 1 (points) / its region (background)", colour[1])])
+    advex.legend(d, 2 * (size + 7), top + size + 34, [("(d) green ring: model 2 right", (0, 150, 0)),
+                                                      ("(d) red cross: model 2 wrong", (200, 0, 0))])
+    advex.save_png(out, path)
     return out.size
 
 
@@ -186,32 +225,35 @@ def main(argv=None):
 def _main(argv):
     p = argparse.ArgumentParser(prog="toy2d.py", description=__doc__.split("\n\n")[0])
     p.error = lambda msg: (_ for _ in ()).throw(advex.AdvexError(msg))  # one line, exit 2 (advex.cli)
-    p.add_argument("--seeds", type=int, default=100, help="number of seeds (0..N-1) to run")
-    p.add_argument("--seed", type=int, default=None, help="seed of the figure (default: a median seed); one outside 0..N-1 is run and counted too")
-    p.add_argument("--eps", type=float, default=0.12, help="Linf radius of the attack, in data units")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (as in advex.py)")
+    p.add_argument("--seeds", type=int, default=100, help="how many seeds: --seed, --seed+1, ... (as in advex.py)")
+    p.add_argument("--figure-seed", type=int, default=None, help="seed of the figure (default: a median seed); "
+                   "one outside the seeds run is run and counted too")
+    p.add_argument("--eps", type=advex._number, default=0.12, help="Linf radius of the attack, in data units")
     p.add_argument("--points", type=int, default=32, help="points per seed")
     p.add_argument("--out", default="runs", help="folder for toy2d.png and toy2d.json")
     a = p.parse_args(argv)
-    if a.seeds < 1 or a.points < 2 or not 0 <= a.eps < math.inf:
-        p.error("need --seeds >= 1, --points >= 2 and a finite --eps >= 0")
+    if a.seeds < 1 or a.seed < 0 or a.points < 2 or not 0 <= a.eps < math.inf:
+        p.error("need --seeds >= 1, --seed >= 0, --points >= 2 and a finite --eps >= 0")
     try:
         os.makedirs(a.out, exist_ok=True)
     except OSError as e:
         p.error(f"--out {a.out} is not a folder ({advex.why(e)})")
     advex.read_results(a.out)  # an unreadable results.json stops us here, not after the work
-    seeds = list(range(a.seeds)) + ([a.seed] if a.seed is not None and not 0 <= a.seed < a.seeds else [])
+    seeds = list(range(a.seed, a.seed + a.seeds))
+    seeds += [a.figure_seed] if a.figure_seed is not None and a.figure_seed not in seeds else []
     t0 = time.time()
     torch.manual_seed(0)  # nothing here draws from the global generator; this pins it anyway
     r = run(seeds, a.points, a.eps, FIT_STEPS)
     s = summary(r, a.points)
     c = r["correct"]
-    i = seeds.index(a.seed) if a.seed is not None else int((c.double() - s["median"]).abs().argmin())
+    i = seeds.index(a.figure_seed) if a.figure_seed is not None else int((c.double() - s["median"]).abs().argmin())
     figure(r, i, a.eps, os.path.join(a.out, "toy2d.png"))
     s.update(figure_seed=seeds[i], figure_correct=int(c[i]), seconds=round(time.time() - t0, 2), eps=a.eps,
              hidden=HIDDEN, lr=LR, fit_steps=FIT_STEPS, pgd_steps=PGD_STEPS, paper=23,
              per_seed=dict(seed=seeds, correct=c.tolist(), fit=r["fit"].tolist(), flipped=r["n_flipped"].tolist()))
     advex.save_atomic(json.dumps(s, indent=1), os.path.join(a.out, "toy2d.json"))
-    settings = dict(seeds=len(seeds), points=a.points, eps=a.eps, hidden=HIDDEN, lr=LR, fit_steps=FIT_STEPS,
+    settings = dict(seeds=len(seeds), first_seed=a.seed, points=a.points, eps=a.eps, hidden=HIDDEN, lr=LR, fit_steps=FIT_STEPS,
                     pgd_steps=PGD_STEPS)
     rec = lambda metric, value, paper=None: advex.make_record(settings, 0, "toy_mlp", "toy2d", metric, value, paper)
     advex.write_results(a.out, [rec("model 2: original points right, median", s["median"], 23),
@@ -219,7 +261,7 @@ def _main(argv):
                                 rec("seeds above chance (%)", 100 * s["share_above_chance"]),
                                 rec("model 1 fits all points (% of seeds)", 100 * s["first_fit_share"]),
                                 rec("flipped examples per seed", s["flipped_mean"])], advex.RUNS,
-                        [dict(stage="toy2d", seconds=s["seconds"], work=0, tflop=0.0, loaded=False, time=time.time(),
+                        [dict(stage="toy2d", seconds=s["seconds"], tflop=0.0, loaded=False, time=time.time(),
                               device=advex.device_name(torch.device("cpu")), seed=0, experiment="toy2d")])
     print(f"toy2d: {s['seeds']} seeds, model 2 gets {s['mean']:.1f} ± {s['std']:.1f} of {a.points} original points right "
           f"(median {s['median']:g}, quartiles {s['q25']:g}-{s['q75']:g}, range {s['min']:g}-{s['max']:g}; "
