@@ -29,7 +29,9 @@ Conventions, everywhere in this file:
 Measured numbers, with hardware and wall times, are in README.md.
 """
 import argparse
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -163,7 +165,7 @@ SCALES = {
     "quick": dict(n_train=200, n_test=100, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
                   attack_batch=64, inv_steps=5, rel_steps=5, con_epochs=2, mis_teacher_epochs=1, mis_epochs=2,
                   mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2,
-                  freq_images=4, lin_size=8, style_images=8, style_steps=2, style_size=32, style_iters=3),
+                  freq_images=4, lin_size=8, lin_robustness=0.5, style_images=8, style_steps=2, style_size=32, style_iters=3),
 }
 
 
@@ -397,23 +399,28 @@ def accuracy(model, x, y, batch=4096):
 # Attacks: projected gradient descent (Madry et al. 2018) in pixel space
 # =====================================================================================================================
 
+def make_objective(loss_fn, amp=True):
+    """A pgd objective from loss_fn(x', y) -> (loss (B,) to ascend, success (B,) bool or None): it maps (x' (B,...)
+    fp32, y, need_grad) to (loss, d loss / d x' or None, success). Only loss_fn (the model) runs under autocast."""
+    def fn(xa, y, need_grad=True):
+        xa = xa.detach().requires_grad_(need_grad)
+        with torch.set_grad_enabled(need_grad), autocast(xa.device, amp):
+            loss, hit = loss_fn(xa, y)
+        grad = torch.autograd.grad(loss.sum(), xa)[0] if need_grad else None
+        return loss.detach(), grad, torch.zeros(len(xa), dtype=torch.bool, device=xa.device) if hit is None else hit
+
+    return fn
+
+
 def ce_objective(model, targeted=False):
     """pgd's default objective. Untargeted: ascend CE(model(x'), y); success = the prediction is not y.
-    Targeted (y = targets): ascend -CE(model(x'), y); success = the prediction is y.
-    An objective maps (x' (B,...) fp32, y, need_grad) to (loss (B,), d loss / d x' or None, success (B,) bool);
-    only the model's forward pass runs under autocast."""
-    sign = -1.0 if targeted else 1.0
-
-    def objective(xa, y, need_grad=True):
-        xa = xa.detach().requires_grad_(need_grad)
-        with torch.set_grad_enabled(need_grad), autocast(xa.device):
-            logits = model(xa).float()
-            loss = sign * F.cross_entropy(logits, y, reduction="none")
-        grad = torch.autograd.grad(loss.sum(), xa)[0] if need_grad else None
+    Targeted (y = targets): ascend -CE(model(x'), y); success = the prediction is y."""
+    def loss(xa, y):
+        logits = model(xa).float()
         pred = logits.argmax(1)
-        return loss.detach(), grad, (pred == y) if targeted else (pred != y)
+        return (-1.0 if targeted else 1.0) * F.cross_entropy(logits, y, reduction="none"), (pred == y) if targeted else (pred != y)
 
-    return objective
+    return make_objective(loss)
 
 
 def project(delta, eps, norm):
@@ -538,16 +545,9 @@ def invert(model, x, x0, steps, step, method="fast", batch=4096, name=""):
     if method not in ("fast", "paper"):
         raise AdvexError(f"unknown inversion method {method!r}; choose fast or paper")
     gx = features(model, x, batch)  # (N, D)
-
-    def objective(z, target, need_grad=True):
-        z = z.detach().requires_grad_(need_grad)
-        with torch.set_grad_enabled(need_grad):
-            loss = -(model.features(z).float() - target).pow(2).sum(dim=1)
-        grad = torch.autograd.grad(loss.sum(), z)[0] if need_grad else None
-        return loss.detach(), grad, torch.zeros(len(z), dtype=torch.bool, device=z.device)
-
+    match = make_objective(lambda z, target: (-(model.features(z).float() - target).pow(2).sum(dim=1), None), amp=False)
     fast = method == "fast"
-    z, _ = pgd(model, x0, gx, math.inf, steps, "l2", step, batch=batch, objective=objective,
+    z, _ = pgd(model, x0, gx, math.inf, steps, "l2", step, batch=batch, objective=match,
                momentum=0.8 if fast else 0.0, polyak=0.5 if fast else 0.0, name=name)
     rel = (features(model, z, batch) - gx).norm(dim=1) / gx.norm(dim=1).clamp_min(1e-12)
     return z, rel
@@ -755,6 +755,10 @@ PAPER = {  # Ilyas et al. Table 1 / Fig. 2 (the standard model's 4.5% is under t
     # Goh, robust feature leakage (his deep model on the same D_rand: 88%)
     ("leakage", "robust linear: stable predictions L2 0.25"): 80, ("leakage", "linear on features, trained on d_rand"): 23.5,
     ("leakage", "linear on features, trained on d_det"): 6.81, ("leakage", "deep model trained on d_rand: test acc"): 88,
+    # Gilmer & Hendrycks: fog on CIFAR-10, natural vs adversarially trained; Goh's linear features (trucks vs frogs)
+    ("frequency", "standard model: fog acc, mean over severities"): 85.7, ("frequency", "robust model: fog acc, mean over severities"): 55.3,
+    ("linear-features", "most useful eigenvector: usefulness"): 0.386, ("linear-features", "ensemble: directions"): 349,
+    ("linear-features", "ensemble: usefulness on its training labels (signs chosen there)"): 0.208,
 }
 
 
@@ -1273,10 +1277,10 @@ def exp_frequency(cfg, dev):
                            dict(norm=cfg.freq_norm), inputs=(xte[:n], yte[:n]), models=(model,),
                            title=f"heatmap {model.name}")["error"]
         clean = 100 * accuracy(model, xte, yte, cfg.attack_batch)
-        recs += [record(cfg, e, f"{kind} model: heat map error, max|k| >= {cfg.freq_high} (%)", maps[kind][high].mean().item(),
-                        arch=model.key.get("arch"), norm=cfg.freq_norm, images=n),
-                 record(cfg, e, f"{kind} model: heat map error, max|k| <= 2 (%)", maps[kind][low].mean().item(),
-                        arch=model.key.get("arch")),
+        recs += [record(cfg, e, f"{kind} model: heat map error, high frequencies (%)", maps[kind][high].mean().item(),
+                        arch=model.key.get("arch"), band=f"max|k| >= {cfg.freq_high}", norm=cfg.freq_norm, images=n),
+                 record(cfg, e, f"{kind} model: heat map error, low frequencies (%)", maps[kind][low].mean().item(),
+                        arch=model.key.get("arch"), band="max|k| <= 2"),
                  record(cfg, e, f"{kind} model: clean test acc", clean, arch=model.key.get("arch"))]
         for corruption in ("fog", "contrast", "noise"):
             accs = []
@@ -1285,8 +1289,10 @@ def exp_frequency(cfg, dev):
                 accs.append(100 * accuracy(model, corrupt(to_float(xte), corruption, severity), yte, cfg.attack_batch))
                 recs.append(record(cfg, e, f"{kind} model: {corruption} severity {severity} acc", accs[-1],
                                    arch=model.key.get("arch")))
-            recs.append(record(cfg, e, f"{kind} model: {corruption} accuracy retained (%)",
-                               100 * sum(accs) / 5 / max(clean, 1e-9), arch=model.key.get("arch")))
+            recs += [record(cfg, e, f"{kind} model: {corruption} acc, mean over severities", sum(accs) / 5,
+                            arch=model.key.get("arch")),
+                     record(cfg, e, f"{kind} model: {corruption} accuracy retained (%)", 100 * sum(accs) / 5 / max(clean, 1e-9),
+                            arch=model.key.get("arch"))]
     figure_frequency(cfg, maps, to_float(xte[:10]), yte[:10], shown)
     return recs
 
@@ -1324,14 +1330,17 @@ def exp_linear_features(cfg, dev):
     mu = x.mean(dim=0)
     x, xt = x - mu, xt - mu
     cov = x.T @ x / len(x)
-    eigs = torch.linalg.eigh(cov).eigenvectors.T.flip(0)  # (D, D): unit eigenvectors, the most robust first
+    lam, eigs = torch.linalg.eigh(cov)
+    eigs = eigs.T.flip(0)[lam.flip(0) > 1e-10 * lam.max()]  # (D, D) unit eigenvectors, the most robust first (only
+    # directions the training images span: fewer images than pixels, as in the tests, leave some of zero variance)
     useful, robust = linear_feature_stats(eigs, x, y, cov)
     eigs, useful = eigs * useful.sign()[:, None], useful.abs()  # each direction's sign makes it useful (on training images)
     e, n = "linear-features", len(xt)
-    recs = [record(cfg, e, "training / test images", len(x), arch="linear", test=n),
+    recs = [record(cfg, e, "training images", len(x), arch="linear"), record(cfg, e, "test images", n, arch="linear"),
+            record(cfg, e, "eigenvectors", len(eigs), arch="linear", side=cfg.lin_size),
             record(cfg, e, "eigenvectors: Spearman(log robustness, usefulness)", spearman(robust.log().tolist(), useful.tolist()),
                    arch="linear"),
-            record(cfg, e, "most useful eigenvector: usefulness", useful.max().item(), 0.386, arch="linear",
+            record(cfg, e, "most useful eigenvector: usefulness", useful.max().item(), arch="linear",
                    rank_by_robustness=int(useful.argmax()))]
     seed_all(cfg.seed, e)
     below = robust < cfg.lin_robustness * robust.max()
@@ -1342,17 +1351,17 @@ def exp_linear_features(cfg, dev):
         (u_in, r_in), (u_out, _) = linear_feature_stats(a, x, labels, cov), linear_feature_stats(a, xt, yt, cov)
         ens[what] = (r_in.item(), u_out.item())
         recs += [record(cfg, e, f"{what}: usefulness on its training labels (signs chosen there)", u_in.item(),
-                        0.208 if what == "ensemble" else None, arch="linear", directions=int(below.sum())),
+                        arch="linear", directions=int(below.sum())),
                  record(cfg, e, f"{what}: usefulness on test images", u_out.item(), arch="linear"),
                  record(cfg, e, f"{what}: robustness", r_in.item(), arch="linear")]
-    recs += [record(cfg, e, "ensemble: directions", int(below.sum()), 349, arch="linear", threshold=cfg.lin_robustness),
+    recs += [record(cfg, e, "ensemble: directions", int(below.sum()), arch="linear", threshold=cfg.lin_robustness),
              record(cfg, e, f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)",
                     ens["ensemble"][1] - cfg.lin_eps / ens["ensemble"][0], arch="linear")]
     alpha = torch.logspace(0, -9, 200, dtype=torch.float64, device=dev)[:, None]
     a_r, a_nr = eigs[int(useful.argmax())], eigs[-1]  # the most useful direction; the least robust one
     path = linear_feature_stats((1 - alpha) * a_nr + alpha * a_r, x, y, cov)
-    kept = path[0] >= 0.9 * useful.max()
-    drop = (path[1][kept].min() / robust[int(useful.argmax())]).item()
+    kept = path[0] >= 0.9 * path[0][0]  # path[.][0]: alpha = 1, a_robust itself
+    drop = (path[1][kept].min() / path[1][0]).item()
     recs.append(record(cfg, e, "containment: robustness left while keeping 90% of a_robust's usefulness (%)", 100 * drop,
                        arch="linear"))
     figure_linear_features(cfg, useful, robust, ens, path, (useful.max().item(), robust[int(useful.argmax())].item()))
@@ -1360,18 +1369,6 @@ def exp_linear_features(cfg, dev):
 
 
 # ---------------------------------------------------------------------------------------- Nakano (Distill 2019) and the authors' reply
-
-def stage_change_objective(model, s):
-    """pgd objective for R(f)'s inner max: ascend ||f_s(x') - f_s(x)||^2, f_s = stage s, y = f_s(x) flattened."""
-    def objective(xa, target, need_grad=True):
-        xa = xa.detach().requires_grad_(need_grad)
-        with torch.set_grad_enabled(need_grad):
-            loss = (stages(model, xa, s)[s].flatten(1).float() - target).pow(2).sum(dim=1)
-        grad = torch.autograd.grad(loss.sum(), xa)[0] if need_grad else None
-        return loss.detach(), grad, torch.zeros(len(xa), dtype=torch.bool, device=xa.device)
-
-    return objective
-
 
 def layer_robustness(model, x, eps, steps, batch=4096):
     """The authors' reply to Nakano: R(f) = E[max over ||x' - x1||_2 <= eps of ||f(x') - f(x1)||] / E[||f(x1) - f(x2)||],
@@ -1383,7 +1380,8 @@ def layer_robustness(model, x, eps, steps, batch=4096):
     for s in range(len(model.stage_ends)):
         f = lambda z: over_set(model, lambda zb: stages(model, zb, s)[s].flatten(1).float(), z, batch, amp=False)
         fx = f(x)
-        xa, _ = pgd(model, x, fx, eps, steps, "l2", random_start=True, batch=batch, objective=stage_change_objective(model, s))
+        change = make_objective(lambda z, t: ((stages(model, z, s)[s].flatten(1).float() - t).pow(2).sum(dim=1), None), amp=False)
+        xa, _ = pgd(model, x, fx, eps, steps, "l2", random_start=True, batch=batch, objective=change)  # ascend the change^2
         out.append(((f(xa) - fx).norm(dim=1).mean() / (fx - f(x2)).norm(dim=1).mean()).item())
     return out
 
@@ -1449,6 +1447,7 @@ def exp_style(cfg, dev):
     std, rob = standard_model(cfg, dev, data), robust_model(cfg, dev, data)
     judge = train_model(cfg, dev, "bugs-member0", x, y, recipe(cfg, member=0))
     n, e, recs = min(cfg.style_images, len(xte)), "style", []
+    worst = 0.0
     for eps in cfg.style_eps:
         rs = {}
         for kind, model in (("standard", std), ("robust", rob)):
@@ -1456,8 +1455,8 @@ def exp_style(cfg, dev):
             rs[kind] = layer_robustness(model, xte[:n], eps, cfg.style_steps, cfg.attack_batch)
             recs += [record(cfg, e, f"{kind} model: R(f) stage {s + 1}, L2 {eps:g}", r, arch=model.key.get("arch"),
                             images=n, steps=cfg.style_steps) for s, r in enumerate(rs[kind])]
-        recs.append(record(cfg, e, f"R(f) robust / standard, largest over stages, L2 {eps:g}",
-                           max(r / s for r, s in zip(rs["robust"], rs["standard"]))))
+        worst = max(worst, *(r / s for r, s in zip(rs["robust"], rs["standard"])))
+    recs.append(record(cfg, e, "R(f) robust / standard, largest over stages and radii", worst, radii=list(cfg.style_eps)))
     size = cfg.style_size
     up = lambda img: F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     content = up(read_image(cfg.content_image)[None]) if cfg.content_image else up(to_float(xte[:4]))
@@ -1495,7 +1494,7 @@ WHERE = {"data", "out", "download", "device", "compile", "attack_batch", "seed",
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 STAGES = []   # this process's timed stages; main() adds them to results.json
 MEMO = {}     # artifact path -> what stage() returned for it, in this process
-FLOPS = [0]   # FLOPs counted by count_flops since main() installed it
+FLOPS = [0]   # FLOPs counted by count_flops (while flops_counted is installed)
 _NESTED = []  # [seconds, flops] of the stages running inside each running stage (a stage's own time excludes them)
 _FINGERPRINTS = {}
 
@@ -1613,13 +1612,29 @@ def maybe_compile(model, x, enabled):
 
 
 def count_flops(module, inputs, output):
-    """A global forward hook (main() installs it): 2 x the multiply-adds of every conv and linear layer, what torch's
+    """A global forward hook (flops_counted installs it): 2 x the multiply-adds of every conv and linear layer, what torch's
     FlopCounterMode counts, x3 for a training step (forward and backward) and x2 for an attack or inversion step
     (forward and the input gradient), from outside every loop of the science."""
     if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(output, torch.Tensor):
         per_output = (module.in_channels // module.groups * math.prod(module.kernel_size)
                       if isinstance(module, nn.Conv2d) else module.in_features)
         FLOPS[0] += (3 if module.training else 2 if torch.is_grad_enabled() else 1) * 2 * output.numel() * per_output
+
+
+_HOOK = []
+
+
+@contextlib.contextmanager
+def flops_counted():
+    """count_flops installed as a global forward hook while inside (once, however deeply nested)."""
+    if _HOOK:
+        yield
+        return
+    _HOOK.append(nn.modules.module.register_module_forward_hook(count_flops))
+    try:
+        yield
+    finally:
+        _HOOK.pop().remove()
 
 
 def fmt_time(s):
@@ -1783,7 +1798,7 @@ def _chance_margins(rand, det, n):
     return rand > 10 + 3 * se and det < 10 + 2 * se, f"SE {se:.2f} at n {n:g}"
 
 
-B = "bugs {} {}"
+B, F_, L_, S_ = "bugs {} {}", "frequency", "linear-features", "style"
 # (claim, criterion, the (experiment, metric) values it needs, test(*values) -> bool or (bool or None, note)).
 # A value is the mean over seeds of one run; a metric recorded for several architectures gives {arch: value}.
 CLAIMS = [
@@ -1827,6 +1842,34 @@ CLAIMS = [
      "linear on robust features: D_rand acc > chance + 3 SE; D_det acc < chance + 2 SE (chance 10, binomial SE)",
      [("leakage", "linear on features, trained on d_rand"), ("leakage", "linear on features, trained on d_det"),
       ("leakage", "test images")], _chance_margins),
+    ("Gilmer & Hendrycks: a model trained and tested on high-pass images generalises",
+     "high-pass test acc >= 30 (3x chance) while the filter keeps <= 10% of the non-DC energy",
+     [(F_, "high-pass: test acc (filtered test set)"), (F_, "high-pass: share of non-DC energy kept (%)")],
+     lambda acc, kept: acc >= 30 and kept <= 10),
+    ("Gilmer & Hendrycks (Yin et al.): adversarial training lowers the Fourier heat map at high frequencies",
+     "mean heat map error at max|k| >= --freq-high: robust model < standard model",
+     [(F_, "robust model: heat map error, high frequencies (%)"), (F_, "standard model: heat map error, high frequencies (%)")],
+     lambda rob, std: rob < std),
+    ("Gilmer & Hendrycks: adversarial training costs robustness to fog and contrast, gains it against noise",
+     "accuracy retained (corrupted / clean, mean over severities 1-5): robust < standard under fog and contrast, > under noise",
+     [(F_, f"{k} model: {c} accuracy retained (%)") for c in ("fog", "contrast", "noise") for k in ("robust", "standard")],
+     lambda rf, sf, rc, sc, rn, sn: rf < sf and rc < sc and rn > sn),
+    ("Goh: the useful linear features are the robust ones", "Spearman(log robustness, usefulness) over the eigenvectors "
+     "> 3 SE (1/sqrt(n - 1), n eigenvectors)", [(L_, "eigenvectors: Spearman(log robustness, usefulness)"), (L_, "eigenvectors")],
+     lambda rho, n: rho > 3 / math.sqrt(n - 1)),
+    ("Goh: a sum of non-robust directions is a useful, non-robust feature",
+     "ensemble usefulness on test images > 3 SE (1/sqrt(n test)) and > the shuffled-label control's; signs chosen on training images",
+     [(L_, "ensemble: usefulness on test images"), (L_, "shuffled-label control: usefulness on test images"), (L_, "test images")],
+     lambda u, control, n: u > 3 / math.sqrt(n) and u > control),
+    ("Goh: a robust useful feature can contain a non-robust one", "a mix keeps >= 90% of a_robust's usefulness with "
+     "<= 1% of its robustness", [(L_, "containment: robustness left while keeping 90% of a_robust's usefulness (%)")],
+     lambda left: left <= 1),
+    ("Nakano (the authors' reply): a robust model's layers are more robust", "R(f) robust < standard at every stage and radius",
+     [(S_, "R(f) robust / standard, largest over stages and radii")], lambda ratio: ratio < 1),
+    ("Nakano: the robust model's stylisation puts less of its change at high frequency",
+     "share of the change's energy at max|k| >= size/4: robust < standard",
+     [(S_, "robust style: share of the change at high frequency (%)"), (S_, "standard style: share of the change at high frequency (%)")],
+     lambda rob, std: rob < std),
 ]
 
 
@@ -1904,19 +1947,19 @@ def font(size):
         return ImageFont.load_default()
 
 
-def text_size(draw, s, f):
-    box = draw.textbbox((0, 0), s, font=f)
-    return box[2] - box[0], box[3] - box[1]
+def text_width(s, size=14):
+    from PIL import Image, ImageDraw
+    box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), s, font=font(size))
+    return box[2] - box[0]
 
 
 def canvas(width, height, title, note=""):
-    """A white image with a title (and a note under it); returns (image, draw, y where the content starts)."""
+    """A white image, wide enough for its title and note; returns (image, draw, y where the content starts)."""
     from PIL import Image, ImageDraw
-    im = Image.new("RGB", (int(width), int(height)), "white")
+    im = Image.new("RGB", (int(max(width, text_width(title, 20) + 30, text_width(note) + 30)), int(height)), "white")
     d = ImageDraw.Draw(im)
     d.text((12, 8), title, fill="black", font=font(20))
-    if note:
-        d.text((12, 36), note, fill=GREY, font=font(14))
+    d.text((12, 36), note, fill=GREY, font=font(14))
     return im, d, 62 if note else 40
 
 
@@ -1926,117 +1969,126 @@ def save_png(image, path):
     os.replace(path + ".tmp.png", path)
 
 
+def legend(d, x, y, items):
+    """Coloured squares with labels, one per line, from (x, y)."""
+    for k, (label, colour) in enumerate(items):
+        d.rectangle([x, y + 20 * k + 3, x + 12, y + 20 * k + 15], fill=colour)
+        d.text((x + 18, y + 20 * k), label, fill="black", font=font(14))
+
+
+def legend_width(labels):
+    return 40 + max(text_width(label) for label in labels)
+
+
 def grid(path, title, rows, row_names, col_names, scale=3, note=""):
     """PNG of image rows (each (n, C, H, W) in [0,1]) with row names on the left and column names (one or two lines,
     split at a newline) on top of each column."""
     from PIL import Image
     n, (_, H, W) = len(rows[0]), rows[0].shape[1:]
-    probe, d, _ = canvas(10, 10, "")
-    f = font(14)
-    cell = max([W * scale] + [text_size(d, part, f)[0] for c in col_names for part in str(c).split("\n")]) + 8
-    left = max(text_size(d, r, f)[0] for r in row_names) + 20
-    head = 2 + 18 * max(len(str(c).split("\n")) for c in col_names)
-    width = max(left + n * cell + 10, text_size(d, title, font(20))[0] + 30, text_size(d, note, f)[0] + 30)
-    im, d, top = canvas(width, 0, title, note)  # height fixed below
-    im = im.resize((int(width), top + head + len(rows) * (H * scale + 8) + 10))
-    im.paste((255, 255, 255), (0, 0, im.width, im.height))
-    im2, d, top = canvas(im.width, im.height, title, note)
+    cell = max([W * scale] + [text_width(part) for c in col_names for part in str(c).split("\n")]) + 8
+    left, head = max(text_width(r) for r in row_names) + 20, 2 + 18 * max(len(str(c).split("\n")) for c in col_names)
+    im, d, top = canvas(left + n * cell + 10, 0, title, note)
+    im, d, top = canvas(im.width, top + head + len(rows) * (H * scale + 8) + 10, title, note)
     for j, c in enumerate(col_names):
         for k, part in enumerate(str(c).split("\n")):
-            d.text((left + j * cell + (cell - text_size(d, part, f)[0]) / 2, top + 18 * k), part, fill="black", font=f)
+            d.text((left + j * cell + (cell - text_width(part)) / 2, top + 18 * k), part, fill="black", font=font(14))
     for i, (r, name) in enumerate(zip(rows, row_names)):
         y0 = top + head + i * (H * scale + 8)
-        d.text((10, y0 + H * scale / 2 - 8), name, fill="black", font=f)
+        d.text((10, y0 + H * scale / 2 - 8), name, fill="black", font=font(14))
         for j, img in enumerate(r.float().cpu().clamp(0, 1)):
             tile = Image.fromarray(img.expand(3, H, W).mul(255).round().byte().permute(1, 2, 0).numpy())
-            im2.paste(tile.resize((W * scale, H * scale), Image.NEAREST), (int(left + j * cell + (cell - W * scale) / 2), y0))
-    save_png(im2, path)
+            im.paste(tile.resize((W * scale, H * scale), Image.NEAREST), (int(left + j * cell + (cell - W * scale) / 2), y0))
+    save_png(im, path)
 
 
-def legend(d, x, y, items):
-    """Coloured squares with labels, one per line, from (x, y)."""
-    f = font(14)
-    for k, (label, colour) in enumerate(items):
-        d.rectangle([x, y + 20 * k + 3, x + 12, y + 20 * k + 15], fill=colour)
-        d.text((x + 18, y + 20 * k), label, fill="black", font=f)
+def ticks(a, b, log=False):
+    """Round tick values within [a, b] (log: the powers of ten; else steps of 1, 2 or 5 times a power of ten)."""
+    if log:
+        return [10.0 ** k for k in range(math.ceil(a - 1e-9), math.floor(b + 1e-9) + 1)]
+    step = 10 ** math.floor(math.log10((b - a) / 5 or 1))
+    step *= next(m for m in (1, 2, 5, 10) if (b - a) / (step * m) <= 6)
+    return [k * step for k in range(math.ceil(a / step - 1e-9), math.floor(b / step + 1e-9) + 1)]
 
 
 def bars(path, title, ylabel, groups, series, note=""):
     """Grouped bar chart on 0..100: groups (names on the x axis), series [(label, colour, [value or None per group])]."""
-    gw, bw = 40 + 34 * len(series), 30
-    im, d, top = canvas(max(120 + len(groups) * gw + 260, 640), 480, title, note)
+    gw, bw = max(40 + 34 * len(series), max(text_width(g) for g in groups) + 20), 30
+    im, d, top = canvas(100 + len(groups) * gw + legend_width([s[0] for s in series]), 480, title, note)
     x0, y0, h = 80, top + 20, 330  # plot area: x0.., y0..y0 + h
     to_y = lambda v: y0 + h - v / 100 * h
-    f = font(13)
     for v in range(0, 101, 20):
         d.line([x0, to_y(v), x0 + len(groups) * gw, to_y(v)], fill=(225, 225, 225))
-        d.text((x0 - 36, to_y(v) - 8), f"{v}", fill="black", font=f)
+        d.text((x0 - 36, to_y(v) - 8), f"{v}", fill="black", font=font(13))
     d.text((8, y0 - 18), ylabel, fill="black", font=font(14))
     for g, name in enumerate(groups):
-        for s, (label, colour, values) in enumerate(series):
-            v, x = values[g], x0 + g * gw + 20 + s * 34
+        for k, (label, colour, values) in enumerate(series):
+            v, x = values[g], x0 + g * gw + (gw - 34 * len(series)) / 2 + k * 34
             if v is None:
-                d.text((x + 2, to_y(0) - 18), "n/a", fill=GREY, font=f)
+                d.text((x + 2, to_y(0) - 18), "n/a", fill=GREY, font=font(13))
                 continue
             d.rectangle([x, to_y(v), x + bw, to_y(0)], fill=colour)
-            d.text((x + bw / 2 - text_size(d, f"{v:.0f}", f)[0] / 2, to_y(v) - 17), f"{v:.0f}", fill="black", font=f)
-        d.text((x0 + g * gw + gw / 2 - text_size(d, name, font(14))[0] / 2, y0 + h + 8), name, fill="black", font=font(14))
+            d.text((x + bw / 2 - text_width(f"{v:.0f}", 13) / 2, to_y(v) - 17), f"{v:.0f}", fill="black", font=font(13))
+        d.text((x0 + g * gw + gw / 2 - text_width(name) / 2, y0 + h + 8), name, fill="black", font=font(14))
     d.line([x0, y0 + h, x0 + len(groups) * gw, y0 + h], fill="black")
     legend(d, x0 + len(groups) * gw + 20, y0, [(label, colour) for label, colour, _ in series])
     save_png(im, path)
 
 
 def plot(path, title, xlabel, ylabel, series, xlog=False, note="", xlim=None, ylim=None):
-    """Scatter / line plot. series: [dict(label, colour, points [(x, y)], line (bool), names (a label per point))].
+    """Scatter / line plot. series: [dict(label, colour, points [(x, y)], line (bool), size, names (a label per point))];
     xlog: log10 x axis. Point labels are nudged down until they do not overlap."""
-    pts = [p for s in series for p in s["points"]]
+    series = [dict(s, points=[p for p in s["points"] if all(map(math.isfinite, p))]) for s in series]  # no nan / inf
     tx = (lambda v: math.log10(max(v, 1e-300))) if xlog else (lambda v: v)
-    (xa, xb), (ya, yb) = xlim or (min(tx(p[0]) for p in pts), max(tx(p[0]) for p in pts)), \
-        ylim or (min(p[1] for p in pts), max(p[1] for p in pts))
-    if xlim is None:
-        xa, xb = xa - 0.05 * (xb - xa or 1), xb + 0.05 * (xb - xa or 1)
-    if ylim is None:
-        ya, yb = ya - 0.05 * (yb - ya or 1), yb + 0.05 * (yb - ya or 1)
-    im, d, top = canvas(900, 640, title, note)
-    x0, y0, w, h = 90, top + 20, 560, 480
+    pts = [(tx(u), v) for s in series for u, v in s["points"]]
+    pad = lambda a, b: (a - 0.05 * (b - a or 1), b + 0.05 * (b - a or 1))
+    (xa, xb) = (tx(xlim[0]), tx(xlim[1])) if xlim else pad(min(p[0] for p in pts), max(p[0] for p in pts))
+    (ya, yb) = ylim or pad(min(p[1] for p in pts), max(p[1] for p in pts))
+    x0, w, h = 90, 560, 480
+    im, d, top = canvas(x0 + w + 30 + legend_width([s["label"] for s in series]), h + 150, title, note)
+    y0 = top + 20
     to = lambda u, v: (x0 + (tx(u) - xa) / (xb - xa) * w, y0 + h - (v - ya) / (yb - ya) * h)
-    f = font(13)
     d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-    for k in range(6):
-        u, v = xa + k * (xb - xa) / 5, ya + k * (yb - ya) / 5
-        px, py = x0 + k * w / 5, y0 + h - k * h / 5
+    for u in ticks(xa, xb, xlog):
+        px = to(u, ya)[0]
         d.line([px, y0 + h, px, y0 + h + 5], fill="black")
-        d.text((px - 16, y0 + h + 8), f"1e{u:.1f}" if xlog else f"{u:.3g}", fill="black", font=f)
+        d.text((px - text_width(f"{u:g}", 13) / 2, y0 + h + 8), f"{u:g}", fill="black", font=font(13))
+    for v in ticks(ya, yb):
+        py = to(10 ** xa if xlog else xa, v)[1]
         d.line([x0 - 5, py, x0, py], fill="black")
-        d.text((x0 - 60, py - 8), f"{v:.3g}", fill="black", font=f)
-    d.text((x0 + w / 2 - text_size(d, xlabel, font(15))[0] / 2, y0 + h + 30), xlabel, fill="black", font=font(15))
+        d.text((x0 - 10 - text_width(f"{v:g}", 13), py - 8), f"{v:g}", fill="black", font=font(13))
+    d.text((x0 + w / 2 - text_width(xlabel, 15) / 2, y0 + h + 30), xlabel, fill="black", font=font(15))
     d.text((8, y0 - 22), ylabel, fill="black", font=font(15))
     taken = []
     for s in series:
         xy = [to(*p) for p in s["points"]]
-        if s.get("line"):
+        if s.get("line") and len(xy) > 1:
             d.line(xy, fill=s["colour"], width=3)
         for k, (a, b) in enumerate(xy):
             r = s.get("size", 4)
             d.ellipse([a - r, b - r, a + r, b + r], fill=s["colour"])
             if s.get("names"):
-                label, (tw, th) = s["names"][k], text_size(d, s["names"][k], f)
-                y = b - 8
-                while any(abs(y - t[1]) < 16 and abs(a + 7 - t[0]) < max(tw, t[2]) for t in taken):
+                label = s["names"][k]
+                x, y = (a + 8, b - 8) if a + 8 + text_width(label, 13) < x0 + w else (a - 8 - text_width(label, 13), b - 8)
+                while any(abs(y - ty) < 16 and x < tx_ + tw and tx_ < x + text_width(label, 13) for tx_, ty, tw in taken):
                     y += 16
-                taken.append((a + 7, y, tw))
-                d.text((a + 7, y), label, fill="black", font=f)
+                taken.append((x, y, text_width(label, 13)))
+                d.text((x, y), label, fill="black", font=font(13))
     legend(d, x0 + w + 20, y0, [(s["label"], s["colour"]) for s in series])
     save_png(im, path)
 
 
+VIRIDIS = torch.tensor([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]) / 255.0
+
+
 def colormap(v, diverging=False):
-    """(H, W) values in [0,1] (diverging: [-1,1]) -> (3, H, W) RGB in [0,1]: black -> red -> yellow, or blue -> white -> red."""
+    """(H, W) values in [0,1] (diverging: [-1,1]) -> (3, H, W) RGB in [0,1]: viridis-like dark blue -> green -> yellow,
+    or blue -> white -> red."""
     if diverging:
         p, n = v.clamp(0, 1), (-v).clamp(0, 1)
         return torch.stack([1 - n, 1 - p - n, 1 - p])
-    v = v.clamp(0, 1)
-    return torch.stack([(2 * v).clamp(max=1), (2 * v - 1).clamp(min=0), (4 * v - 3).clamp(min=0)])
+    t = v.clamp(0, 1) * (len(VIRIDIS) - 1)
+    k = t.floor().long().clamp(max=len(VIRIDIS) - 2)
+    return (VIRIDIS[k] + (t - k)[..., None] * (VIRIDIS[k + 1] - VIRIDIS[k])).permute(2, 0, 1)
 
 
 def tag(cfg):
@@ -2071,8 +2123,8 @@ def figure_fig2(cfg, recs):
           ("paper: standard acc", LIGHT_BLUE, [PAPER.get((e, "standard acc")) for e in sets]),
           ("ours: robust acc", ORANGE, [v.get((e, RA)) for e in sets]),
           ("paper: robust acc", LIGHT_ORANGE, [PAPER.get((e, RA)) for e in sets])],
-         note=f"robust acc: L2 PGD at eps 0.25, {cfg.eval_steps} steps of 2.5 eps/steps; our models: {cfg.arch}-{cfg.width}; "
-              f"the paper's: ResNet-50")
+         note=f"robust acc: L2 PGD at eps 0.25, {cfg.eval_steps} steps of 2.5 eps/steps (the paper's standard model: 4.5 "
+              f"under its 7 steps of eps/5); our models: {cfg.arch}-{cfg.width}; the paper's: ResNet-50")
     bars(os.path.join(cfg.out, "table1.png"), f"Ilyas et al. Table 1: D_rand and D_det ({tag(cfg)})",
          "test accuracy (%) on the real test set", ("D_rand", "D_det"),
          [("ours", BLUE, [v.get(("d_rand", "standard acc")), v.get(("d_det", "standard acc"))]),
@@ -2103,7 +2155,7 @@ def figure_frequency(cfg, maps, originals, labels, filtered):
          [torch.stack([colormap(maps["standard"] / 100), colormap(maps["robust"] / 100), colormap(diff, diverging=True)])],
          ["error rate"], ["standard model", "robust model", "robust - standard"], scale=8,
          note=f"each pixel: a Fourier basis image of L2 norm {cfg.freq_norm:g} (frequency 0 at the centre, +-16 at the "
-              f"edges); black 0% -> red -> yellow 100% error; difference: blue robust lower, red robust higher")
+              f"edges); error 0% dark blue -> green -> 100% yellow; difference: blue = robust lower, red = robust higher")
     hp = filtered["high-pass"]
     grid(os.path.join(cfg.out, "filtered.png"), f"Gilmer & Hendrycks: what the filtered models see ({tag(cfg)})",
          [originals, filtered["low-pass"], hp, (hp - 0.5) * 5 + 0.5], ["test image", f"low-pass <= {cfg.freq_low}",
@@ -2431,7 +2483,7 @@ EXPERIMENTS = {
     "bugs": (exp_bugs, "train bugs standard_from"),
     "squares": (exp_squares, "arch width squares"),
     "leakage": (exp_leakage, "train leak adv_steps rel con standard_from"),
-    "transfer": (exp_transfer, "train transfer rel con"),
+    "transfer": (exp_transfer, "train transfer rel con standard_from"),
     "frequency": (exp_frequency, "train adv freq standard_from robust_from"),
     "linear-features": (exp_linear_features, "lin"),
     "style": (exp_style, "train adv style content_image standard_from robust_from"),
@@ -2452,6 +2504,7 @@ def fields_read(experiment):
 CONFIG_FIELDS_ORDER = [f.name for f in dataclasses.fields(Config)]
 
 
+@functools.cache
 def _field_help():
     """Each Config field's trailing comment, read from this file, becomes its --help text."""
     return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
@@ -2544,6 +2597,8 @@ def check_config(cfg, experiment=None):
         raise AdvexError(f"--device {cfg.device} asked for, but CUDA is not available on this machine")
     if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
         raise AdvexError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if experiment == "transfer" and cfg.standard_from and cfg.transfer_source != "resnet50":
+        raise AdvexError("transfer: --standard-from is a ResNet-50, so it needs --transfer-source resnet50")
     if experiment == "train-on" and not cfg.dataset:
         raise AdvexError("train-on needs --dataset DIR (a folder with CIFAR_ims and CIFAR_lab)")
     if experiment == "report":
@@ -2577,7 +2632,8 @@ def warn_if_slow(cfg, dev, experiment):
     model, x = make_model(cfg.arch, cfg.width), torch.rand(32, 3, 32, 32)
     for _ in range(2):  # the second step is the one timed
         t0, f0 = time.time(), FLOPS[0]
-        F.cross_entropy(model(x), torch.zeros(32, dtype=torch.long)).backward()
+        with flops_counted():
+            F.cross_entropy(model(x), torch.zeros(32, dtype=torch.long)).backward()
     rate, first = (FLOPS[0] - f0) / (time.time() - t0), (FLOPS[0] - f0) / 32 * 50000 * cfg.epochs
     log(f"advex: warning: full size on a CPU. Its first model alone ({cfg.epochs} epochs of 50,000 images, {cfg.arch}) is "
         f"{first / 1e15:.2f} PFLOP of counted work: ~{fmt_time(first / rate)} at the {rate / 1e9:.0f} GFLOP/s measured here; "
@@ -2610,8 +2666,7 @@ def main(argv=None):
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        hook = nn.modules.module.register_module_forward_hook(count_flops)
-        try:
+        with flops_counted():
             if experiment == "report":
                 return exp_report(cfg, dev)
             warn_if_slow(cfg, dev, experiment)
@@ -2629,8 +2684,6 @@ def main(argv=None):
                     log(f"  {r['experiment']:24s} {r['metric']:50s} {r['value']:9.2f}" +
                         ("" if r["paper"] is None else f"   (paper {r['paper']:g})"))
             log(f"advex {experiment}: {fmt_time(time.time() - t0)}; results in {cfg.out}/results.md")
-        finally:
-            hook.remove()
 
     cli(run, "advex")
 

@@ -2,6 +2,7 @@
 CPU only; the data files are written here in the real formats (CIFAR-10 pickles, MNIST IDX).
 Real-data tests run when ADVEX_DATA (default ./data) holds the datasets and skip otherwise."""
 import json
+import math
 import os
 import pickle
 import signal
@@ -843,7 +844,7 @@ def test_ilyas_quick_end_to_end(data_dir, tmp_path, capsys):
     from PIL import Image
     for name in ("d_r", "d_nr", "d_rand", "d_det"):
         assert Image.open(out / f"{name}.png").height > (3 if name in ("d_r", "d_nr") else 2) * 32 * 3
-    assert Image.open(out / "fig2.png").width > 600 and Image.open(out / "table1.png").width > 600
+    assert Image.open(out / "fig2.png").width > 600 and Image.open(out / "table1.png").width > 400
     # the constructed datasets: D_det labels are exactly the shifted true labels; fp16 images in the eps-ball
     det, rand = artifact(out, "d_det-from"), artifact(out, "d_rand-from")
     xtr, ytr, _, _ = advex.load_cifar10(data_dir, download=False, warn=False)
@@ -989,8 +990,8 @@ def test_nontransferable_objective_gradient_is_the_joint_one(trained_tiny):
 
 @pytest.fixture(scope="module")
 def ensemble():
-    """Two more tiny models trained like trained_tiny, from other seeds: an independent ensemble."""
-    return [fit_tiny(1), fit_tiny(2)]
+    """Two more tiny models trained like trained_tiny (width 8), from other seeds: an independent ensemble."""
+    return [fit_tiny(1, width=8), fit_tiny(2, width=8)]
 
 
 @pytest.mark.parametrize("norm,eps,step", [("l2", 2.5, 0.5), ("linf", 8 / 255, 2 / 255)])
@@ -1082,3 +1083,316 @@ def test_transfer_attaches_paper_values_only_to_its_source(data_dir, tmp_path):
     fooled = 100 * (det["src_pred"] == det["labels"]).float().mean().item()
     assert got[("resnet50", "transfer rate")]["value"] == pytest.approx(fooled, abs=1e-3)
     assert os.path.isfile(tmp_path / "transfer.png")
+
+
+# ---------------------------------------------------------------------------- claims: one run, one scale, honest verdicts
+
+def rec(e, m, v, run="r1", scale="cpu", arch="fastnet", seed=0):
+    return dict(experiment=e, metric=m, value=v, paper=None, seed=seed, arch=arch, run=run, scale=scale, settings={})
+
+
+def claim(rows, start):
+    return next(r for r in rows if r[0].startswith(start))
+
+
+def test_claims_come_from_one_run_and_never_mix_runs_or_scales(tmp_path, capsys):
+    quick = [rec(f"bugs {n} {m}", metric, 1.0 if m == "bugs" else 50.0, run="q", scale="quick")
+             for n in ("l2", "linf") for m in ("bugs", "pgd")
+             for metric in ("transfer to fresh model", "trained-on: test acc, true labels")]
+    full = [rec("d_rand", "standard acc", 30.0, run="A", scale="full"), rec("d_det", "standard acc", 20.0, run="A", scale="full"),
+            rec("d_det", "standard acc", 35.0, run="B", scale="full")]  # a later d_det-only run with other settings
+    advex.write_results(str(tmp_path), quick + full, {}, scale="full")
+    md = open(tmp_path / "results.md").read()
+    assert md.startswith("# advex results: scale full") and "quick" in md.splitlines()[2]  # says the other scale exists
+    rows = [l for l in md.splitlines() if l.startswith("| Nakkiran: his examples do not transfer")]
+    assert rows and "NOT RUN" in rows[0]  # the quick run's numbers never answer for the full run
+    assert "| MIXED | B |" in claim_line(md, "Ilyas 3.2: D_rand is learnt better")  # never D_rand of A against D_det of B
+    advex.write_results(str(tmp_path), [], {}, scale="quick")
+    md = open(tmp_path / "results.md").read()
+    assert md.startswith("# advex results: scale quick") and "mean nothing" in md
+    assert "| HOLDS | q |" in claim_line(md, "Nakkiran: his examples do not transfer")
+    capsys.readouterr()
+    advex.main(["report", "--out", str(tmp_path)])  # the latest run's scale unless --scale says otherwise
+    out = capsys.readouterr().out
+    assert "claims, scale full" in out and "MIXED" in out
+    advex.main(["report", "--out", str(tmp_path), "--scale", "quick"])
+    assert "claims, scale quick (quick: tiny sizes; these verdicts mean nothing)" in capsys.readouterr().out
+
+
+def claim_line(md, start):
+    return next(l for l in md.splitlines() if l.startswith("| " + start))
+
+
+def test_claims_fail_on_non_finite_values_and_ranks_average_ties():
+    assert math.isnan(advex.spearman([1, 2, float("nan")], [1, 2, 3]))
+    assert advex.spearman([20, 20, 30], [1, 2, 3]) == advex.spearman([20, 20, 30], [2, 1, 3]) == pytest.approx(0.8660254)
+    transfer = [rec("transfer", "transfer rate", v, arch=a) for a, v in (("fastnet", 100), ("resnet18", 20), ("vgg16", 20))]
+    acc = [rec("transfer", "D_det-trained test acc", v, arch=a) for a, v in (("fastnet", 45), ("resnet18", 30), ("vgg16", 25))]
+    row = claim(advex.check_claims(transfer + acc), "Ilyas Fig. 3")
+    assert "transfer tie: resnet18, vgg16" in row[2] and "Spearman 0.866" in row[2]
+    bad = [rec("robust", advex.RA, float("nan"))]
+    assert claim(advex.check_claims(bad), "Ilyas: adversarial training")[3] == "FAILS"  # nan > 60 is False, but say why
+    assert "not finite" in claim(advex.check_claims(bad), "Ilyas: adversarial training")[2]
+    nan_fig3 = transfer + acc[:2] + [rec("transfer", "D_det-trained test acc", float("nan"), arch="vgg16")]
+    assert claim(advex.check_claims(nan_fig3), "Ilyas Fig. 3")[3] == "FAILS"
+    few = [r for r in transfer + acc if r["arch"] != "vgg16"]
+    assert claim(advex.check_claims(few), "Ilyas Fig. 3")[3] == "NOT RUN"
+
+
+def test_leakage_claim_needs_margins_over_chance():
+    leak = lambda rand, det, n=2000: [rec("leakage", "linear on features, trained on d_rand", rand),
+                                      rec("leakage", "linear on features, trained on d_det", det), rec("leakage", "test images", n)]
+    verdict = lambda recs: claim(advex.check_claims(recs), "Goh: robust features leak")[3]
+    assert verdict(leak(10.5, 10.0)) == "FAILS"  # above D_det, but not clearly above chance (SE 0.67 at 2000 images)
+    assert verdict(leak(13.85, 8.25)) == "HOLDS" and verdict(leak(13.85, 11.5)) == "FAILS"  # D_det must not exceed chance
+    assert verdict(leak(10.95, 6.0, n=10000)) == "HOLDS"  # 10,000 images: SE 0.3, so 3 SE is 0.9 points
+
+
+def test_squares_claim_is_about_the_nets_not_the_linear_sanity_check():
+    needs = next(n for c, _, n, _ in advex.CLAIMS if c.startswith("Nakkiran: on adversarial squares"))
+    assert all("linear" not in m for _, m in needs) and ("squares", "net 1 epoch: flipped by Linf 0.01") in needs
+
+
+# ---------------------------------------------------------------------------- Goh's specifications, exact
+
+def test_goh_spec1_robust_usefulness_known_answer():
+    """Two classes, one pixel: f_0 = x_0 - 0.5 = -f_1. On 4 images x_0 = 0, 0.2, 0.8, 1 (labels 1, 1, 0, 0) f_0 has
+    mean 0 and sd 0.4163 (n - 1), so E[y_0 f_0 / sd] = 0.4 / 0.4163, and its reach at eps 0.1 is 0.1 * 1 / 0.4163."""
+    lin = advex.LinearNet(2, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    with torch.no_grad():
+        lin.head.weight.zero_()
+        lin.head.weight[0, 0], lin.head.weight[1, 0] = 1.0, -1.0
+        lin.head.bias[:] = torch.tensor([-0.5, 0.5])
+    x = torch.zeros(4, 3, 32, 32)
+    x[:, 0, 0, 0] = torch.tensor([0.0, 0.2, 0.8, 1.0])
+    y = torch.tensor([1, 1, 0, 0])
+    gamma = advex.linear_robust_usefulness(lin, x, y, 0.1)
+    sd = torch.tensor([-0.5, -0.3, 0.3, 0.5], dtype=torch.float64).std()
+    assert gamma.dtype == torch.float64 and gamma.shape == (2, 2)
+    assert gamma[0, 0].item() == pytest.approx((0.4 - 0.1) / sd.item())  # feature 0 is robustly useful for class 0
+    assert gamma[0, 1].item() == pytest.approx((-0.4 - 0.1) / sd.item())  # and useless for class 1
+    assert gamma[1, 1].item() == pytest.approx(gamma[0, 0].item())
+    assert (advex.linear_robust_usefulness(lin, x, y, 0.5).amax(dim=1) < 0).all()  # a large ball: no longer useful
+
+
+def test_linear_certificates_are_exact_at_the_boundary():
+    """float64 certificates: at radii 1e-9 (relative) below and above the exact one, where the margin equals its reach,
+    the verdicts differ; float32 (or TF32) arithmetic, ~1e-7 relative, cannot tell these apart."""
+    torch.manual_seed(0)
+    lin = advex.LinearNet(2)
+    x = torch.rand(1, 3, 32, 32)
+    W, b = advex.linear_weights(lin, (3, 32, 32))
+    f = x.double().flatten(1) @ W.T + b
+    label = int(f.argmax())
+    exact = ((f[0, label] - f[0, 1 - label]) / (W[label] - W[1 - label]).norm()).item()  # margin / ||w_l - w_j||
+    y = torch.tensor([label])
+    assert advex.linear_certified(lin, x, y, exact * (1 - 1e-9)).item() and not advex.linear_certified(lin, x, y, exact * (1 + 1e-9)).item()
+
+
+# ---------------------------------------------------------------------------- settings: the paper's inversion, fractions
+
+def test_paper_inversion_runs_the_papers_steps_unless_given():
+    parse = lambda *a: advex.parse_args(["d_r", "--out", "/tmp/advex-parse", *a])[1]
+    cfg = parse("--inv-method", "paper")
+    assert (cfg.inv_steps, cfg.inv_step) == (1000, 0.1)
+    assert (parse("--inv-method", "paper", "--scale", "cpu").inv_steps, parse().inv_steps) == (1000, 150)
+    cfg = parse("--inv-method", "paper", "--inv-steps", "50")
+    assert (cfg.inv_steps, cfg.inv_step) == (50, 0.1)
+    assert parse("--scale", "cpu").inv_steps == advex.SCALES["cpu"]["inv_steps"]
+
+
+def test_eps_flags_take_fractions_and_seeds_is_a_count():
+    cfg = advex.parse_args(["bugs", "--out", "/tmp/advex-parse", "--eval-eps", "8/255,0.5", "--rel-eps", "8/255",
+                            "--seed", "3", "--seeds", "2"])[1]
+    assert cfg.eval_eps == (8 / 255, 0.5) and cfg.rel_eps == 8 / 255 and (cfg.seed, cfg.seeds) == (3, 2)
+
+
+def test_full_size_on_a_cpu_says_what_it_costs(capsys):
+    advex.warn_if_slow(advex.Config(width=8), torch.device("cpu"), "ilyas")
+    out = capsys.readouterr().out
+    assert "full size on a CPU" in out and "PFLOP" in out and "--scale cpu" in out and "Starting anyway" in out
+    advex.warn_if_slow(advex.Config(scale="cpu"), torch.device("cpu"), "ilyas")
+    assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------- Gilmer & Hendrycks, Goh's linear features, Nakano
+
+@pytest.mark.parametrize("i,j", [(0, 0), (1, 0), (3, -5), (16, 16), (-16, 7), (8, 8)])
+def test_fourier_basis_has_unit_norm_and_one_frequency(i, j):
+    u = advex.fourier_basis(32, i, j)
+    assert u.shape == (32, 32) and u.norm().item() == pytest.approx(1.0, abs=1e-5)
+    spectrum = torch.fft.fft2(u.double()).abs()
+    k = lambda v: v % 32
+    assert spectrum[k(i), k(j)] > 1 and spectrum[k(-i), k(-j)] > 1
+    spectrum[k(i), k(j)] = spectrum[k(-i), k(-j)] = 0
+    assert spectrum.max() < 1e-5  # nothing at any other frequency
+
+
+def test_band_pass_splits_an_image_into_its_bands_and_counts_their_energy():
+    x = torch.rand(6, 3, 32, 32)
+    low, high = advex.band_pass(x, hi=7), advex.band_pass(x, lo=8)
+    assert torch.allclose(low + high, x, atol=1e-5)
+    assert abs(high.mean().item()) < 1e-6  # no DC: the high-pass image is centred on 0
+    kept = advex.energy_share(x, lo=8) + advex.energy_share(x, lo=1, hi=7)
+    assert kept == pytest.approx(1.0, abs=1e-6)
+    flat = torch.full((1, 3, 32, 32), 0.3) + 0.1 * advex.fourier_basis(32, 12, 3)
+    assert advex.energy_share(flat, lo=8) == pytest.approx(1.0, abs=1e-6) and advex.energy_share(flat, hi=2) < 1e-9
+
+
+def test_corruptions_stay_in_range_and_follow_their_recipes():
+    torch.manual_seed(0)
+    p = advex.plasma_fractal(5, 32, decay=3.0)
+    assert p.shape == (5, 32, 32) and p.amin(dim=(1, 2)).abs().max() < 1e-6 and (p.amax(dim=(1, 2)) - 1).abs().max() < 1e-6
+    assert not torch.allclose(p[0], p[1])  # each image its own fog
+    rough = lambda m: (m - m.roll(1, 1)).abs().mean().item()  # a larger decay gives a smoother map
+    assert rough(advex.plasma_fractal(20, 32, decay=1.75)) > rough(advex.plasma_fractal(20, 32, decay=3.0))
+    x = torch.rand(50, 3, 32, 32) * 0.6 + 0.2
+    for kind in ("fog", "contrast", "noise"):
+        changes = []
+        for severity in range(1, 6):
+            c = advex.corrupt(x, kind, severity)
+            assert c.shape == x.shape and c.min() >= 0 and c.max() <= 1
+            changes.append((c - x).norm().item())
+        assert changes == sorted(changes), kind  # the severities grow
+    c = advex.corrupt(x, "contrast", 2)  # scaled by 0.5 around each channel's mean (nothing clipped here)
+    assert torch.allclose(c - c.mean(dim=(2, 3), keepdim=True), 0.5 * (x - x.mean(dim=(2, 3), keepdim=True)), atol=1e-6)
+    assert (advex.corrupt(x, "noise", 3) - x).std().item() == pytest.approx(0.08, rel=0.05)
+
+
+def test_linear_feature_usefulness_and_robustness_match_their_closed_form():
+    """x = y m + noise, y = +-1 balanced, noise N(0, diag(s^2)): the covariance is S = diag(s^2) + m m^T, so for a
+    direction a, usefulness = a.m / sqrt(a^T S a) and robustness = sqrt(a^T S a) / ||a||; for an eigenvector of S,
+    robustness is the square root of its eigenvalue."""
+    g = torch.Generator().manual_seed(0)
+    n, m, s = 200000, torch.tensor([0.3, 0.0, 0.1], dtype=torch.float64), torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)
+    y = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    x = y[:, None] * m + torch.randn(n, 3, generator=g, dtype=torch.float64) * s
+    xc = x - x.mean(dim=0)
+    cov = xc.T @ xc / n
+    a = torch.tensor([[1.0, 1.0, 2.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    useful, robust = advex.linear_feature_stats(a, xc, y, cov)
+    S = torch.diag(s ** 2) + m[:, None] * m[None, :]
+    norm_s = ((a @ S) * a).sum(dim=1).sqrt()
+    assert torch.allclose(useful, a @ m / norm_s, atol=5e-3) and torch.allclose(robust, norm_s / a.norm(dim=1), rtol=5e-3)
+    vals, vecs = torch.linalg.eigh(cov)
+    assert torch.allclose(advex.linear_feature_stats(vecs.T, xc, y, cov)[1], vals.sqrt(), rtol=1e-9)
+
+
+def test_layer_robustness_of_a_linear_layer_is_its_operator_norm_ratio():
+    """f = one linear (conv) layer, inputs far from the box's faces: max over the eps-ball of ||f(x') - f(x)|| is
+    eps * sigma_max (the largest singular value), so R = eps * sigma_max / E||f(x1) - f(x2)|| (oracle: the SVD)."""
+    class Lin(advex.Net):
+        stage_ends = (0,)
+
+        def __init__(self):
+            super().__init__((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1, bias=False))
+
+    torch.manual_seed(0)
+    model = Lin()
+    with torch.no_grad():  # a 1x1 conv mixing the channels by W = U diag(3, 1, 0.5) V^T: a clear largest direction
+        U, V = torch.linalg.qr(torch.randn(3, 3))[0], torch.linalg.qr(torch.randn(3, 3))[0]
+        model.body[0].weight.copy_((U @ torch.diag(torch.tensor([3.0, 1.0, 0.5])) @ V.T).view(3, 3, 1, 1))
+    x = torch.rand(16, 3, 8, 8) * 0.4 + 0.3
+    J = torch.autograd.functional.jacobian(lambda v: model.body(v.view(1, 3, 8, 8)).flatten(), torch.zeros(192))
+    exact = lambda x2: 0.05 * torch.linalg.matrix_norm(J, ord=2).item() / (model.body(x) - model.body(x2)).flatten(1).norm(dim=1).mean().item()
+    torch.manual_seed(1)
+    r = advex.layer_robustness(model, x, 0.05, steps=20)
+    torch.manual_seed(1)
+    bound = exact(x[advex.random_other(16)])
+    assert len(r) == 1 and 0.98 * bound < r[0] <= bound * (1 + 1e-5)  # PGD's max is a lower bound, and close
+
+
+@pytest.mark.parametrize("experiment", ["frequency", "linear-features", "style"])
+def test_remaining_responses_quick(data_dir, tmp_path, experiment):
+    recs = run_cli(experiment, out=tmp_path, data=data_dir)
+    mine = {r["metric"]: r for r in recs if r["experiment"] == experiment}
+    assert mine and all(math.isfinite(r["value"]) for r in mine.values())
+    needs = {m for c, _, n, _ in advex.CLAIMS for e, m in n if e == experiment}
+    assert needs <= set(mine)  # every claim of this response has its numbers
+    rows = [r for r in advex.check_claims(recs) if any(e == experiment for e, _ in
+                                                      next(n for c, _, n, _ in advex.CLAIMS if c == r[0]))]
+    assert rows and all(r[3] in ("HOLDS", "FAILS") for r in rows)
+    from PIL import Image
+    for png in {"frequency": ["frequency.png", "filtered.png"], "linear-features": ["linear_features.png"],
+                "style": ["style.png"]}[experiment]:
+        assert Image.open(tmp_path / png).width > 400
+    if experiment == "frequency":
+        assert 0 < mine["high-pass: share of non-DC energy kept (%)"]["value"] < 100
+    if experiment == "linear-features":
+        assert mine["training images"]["value"] == 5 * BATCH // 10 * 2  # all the trucks and frogs, whatever --n-train
+
+
+# ---------------------------------------------------------------------------- the paper's own models: MadryLab / RobustBench files
+
+class RefBottleneck(torch.nn.Module):
+    """An independent CIFAR ResNet-50 block in MadryLab's / RobustBench's parameter layout (kuangliu's ResNet)."""
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != 4 * planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, stride, bias=False), nn.BatchNorm2d(4 * planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class RefResNet50(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, cin = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(64), 64
+        for i, (planes, n, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))):
+            blocks = []
+            for s in [stride] + [1] * (n - 1):
+                blocks.append(RefBottleneck(cin, planes, s))
+                cin = 4 * planes
+            setattr(self, f"layer{i + 1}", torch.nn.Sequential(*blocks))
+        self.linear = torch.nn.Linear(2048, 10)
+
+    def forward(self, x, mean, std):  # x in [0,1]; MadryLab's normalizer, then the network
+        out = F.relu(self.bn1(self.conv1((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+
+
+def test_madrylab_and_robustbench_checkpoints_load_with_the_same_logits(tmp_path, data_dir, capsys):
+    torch.manual_seed(0)
+    ref = RefResNet50()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, so a mix-up shows
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
+    ref.eval()
+    mean, std = torch.tensor(advex.MADRY_MEAN), torch.tensor(advex.MADRY_STD)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(x, mean, std)
+    net = ref.state_dict()
+    madry = {"model": {**{f"module.model.{k}": v for k, v in net.items()}, **{f"module.attacker.model.{k}": v for k, v in net.items()},
+                       "module.normalizer.new_mean": mean.view(3, 1, 1), "module.normalizer.new_std": std.view(3, 1, 1),
+                       "module.attacker.normalize.new_mean": mean.view(3, 1, 1),
+                       "module.attacker.normalize.new_std": std.view(3, 1, 1)}, "epoch": 150}
+    layouts = {"madrylab.pt": madry, "madrylab-old.pt": {"state_dict": madry["model"]}, "robustbench.pt": net,
+               "robustbench-wrapped.pt": {"state_dict": {f"module.{k}": v for k, v in net.items()}}}
+    for name, obj in layouts.items():
+        torch.save(obj, tmp_path / name)
+        model = advex.load(str(tmp_path / name))
+        with torch.no_grad():
+            assert torch.allclose(model(x), expected, atol=1e-4), name
+        assert model.arch == "resnet50" and not model.training
+    # as the source of an experiment: evaluated beside the paper's numbers, its file's hash in every key downstream
+    q = ["--scale", "quick", "--data", data_dir, "--download", "0", "--n-test", "2", "--eval-steps", "1"]
+    recs = run_cli("standard", "--standard-from", str(tmp_path / "madrylab.pt"), *q, out=tmp_path / "o", data=data_dir)
+    row = next(r for r in recs if r["metric"] == "standard acc")
+    assert row["arch"] == "resnet50" and row["paper"] == 95.3
+    ev = artifact(tmp_path / "o", "eval-standard-from-madrylab")
+    assert ev["key"]["models"] == [{"file": advex.file_sha1(str(tmp_path / "madrylab.pt")), "arch": "resnet50"}]
+    torch.save({"model": {"module.model.conv9.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
+    assert "unexpected key 'conv9.weight'" in cli_error(capsys, "standard", "--standard-from", str(tmp_path / "bad.pt"),
+                                                         *q, "--out", str(tmp_path / "o"))
