@@ -2472,10 +2472,7 @@ SEC3 = "train eval adv inv rel con export standard_from robust_from"
 EXPERIMENTS = {
     "standard": (exp_standard, "train eval standard_from"),
     "robust": (exp_robust, "train eval adv robust_from"),
-    "d_r": (lambda cfg, dev: exp_constructed(cfg, dev, "d_r"), "train eval adv inv con export robust_from"),
-    "d_nr": (lambda cfg, dev: exp_constructed(cfg, dev, "d_nr"), "train eval inv con export standard_from"),
-    "d_rand": (lambda cfg, dev: exp_constructed(cfg, dev, "d_rand"), "train eval rel con export standard_from"),
-    "d_det": (lambda cfg, dev: exp_constructed(cfg, dev, "d_det"), "train eval rel con export standard_from"),
+    **{name: (functools.partial(exp_constructed, name=name), SEC3) for name in CONSTRUCTIONS},  # d_r, d_nr, d_rand, d_det
     "ilyas": (exp_ilyas, SEC3),
     "train-on": (exp_train_on, "train eval dataset"),
     "mislabeled": (exp_mislabeled, "train mis"),
