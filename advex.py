@@ -884,11 +884,14 @@ def construction_records(cfg, name, ds):
     y, pred = ds["labels"], ds["src_pred"]
     if "rel_dist" in ds:
         rel = ds["rel_dist"].float()
-        return [record(cfg, name, "inversion rel. dist median", rel.median().item(), method=cfg.inv_method,
+        recs = [record(cfg, name, "inversion rel. dist median", rel.median().item(), method=cfg.inv_method,
                        steps=cfg.inv_steps, step=cfg.inv_step),
                 record(cfg, name, "inversion rel. dist p95", rel.quantile(0.95).item()),
-                record(cfg, name, "source acc on images vs y", 100 * (pred == y).float().mean().item(), 100),
-                record(cfg, name, "source acc on images vs start's label", 100 * (pred == y[ds["start"]]).float().mean().item(), 10)]
+                record(cfg, name, "source acc on images vs y", 100 * (pred == y).float().mean().item(), 100)]
+        if "start" in ds:  # a construction that starts from an image (not, say, from noise)
+            recs.append(record(cfg, name, "source acc on images vs start's label",
+                               100 * (pred == y[ds["start"]]).float().mean().item(), 10))
+        return recs
     other = y != ds["true"]
     return [record(cfg, name, "fooling rate (t != y)", 100 * (pred == y)[other].float().mean().item(),
                    eps=cfg.rel_eps, steps=cfg.rel_steps, step=cfg.rel_step),
