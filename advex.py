@@ -1273,7 +1273,8 @@ def exp_frequency(cfg, dev):
                         100 * energy_share(to_float(xte), band.get("lo", 0), band.get("hi", math.inf)))]
     std, rob = standard_model(cfg, dev, data), robust_model(cfg, dev, data)
     n = min(cfg.freq_images, len(xte))
-    high, low = freq_radius(32, 32).roll((16, 16), (0, 1)) >= cfg.freq_high, freq_radius(32, 32).roll((16, 16), (0, 1)) <= 2
+    r = freq_radius(32, 32).roll((16, 16), (0, 1))  # max(|kx|, |ky|) of each heat-map cell (DC at the centre)
+    high, low = r >= cfg.freq_high, r <= cfg.freq_low
     maps = {}
     for kind, model in (("standard", std), ("robust", rob)):
         maps[kind] = stage(cfg, "heatmap", lambda: dict(error=fourier_heatmap(model, xte[:n], yte[:n], cfg.freq_norm, cfg.attack_batch)),
@@ -1283,7 +1284,7 @@ def exp_frequency(cfg, dev):
         recs += [record(cfg, e, f"{kind} model: heat map error, high frequencies (%)", maps[kind][high].mean().item(),
                         arch=model.key.get("arch"), band=f"max|k| >= {cfg.freq_high}", norm=cfg.freq_norm, images=n),
                  record(cfg, e, f"{kind} model: heat map error, low frequencies (%)", maps[kind][low].mean().item(),
-                        arch=model.key.get("arch"), band="max|k| <= 2"),
+                        arch=model.key.get("arch"), band=f"max|k| <= {cfg.freq_low}"),
                  record(cfg, e, f"{kind} model: clean test acc", clean, arch=model.key.get("arch"))]
         for corruption in ("fog", "contrast", "noise"):
             accs = []
