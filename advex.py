@@ -1759,7 +1759,7 @@ def results_table(res, scale):
         ours = f"{m:.2f}" + (f" ± {s:.2f}" if len(rs) > 1 else "")
         paper = "" if rs[-1]["paper"] is None else f"{rs[-1]['paper']:g}"
         sets = ", ".join(f"{k} {v}" for k, v in rs[-1]["settings"].items())
-        lines.append(f"| {exp} | {metric} | {arch} | {run} | {ours} | {len(rs)} | {paper} | {sets} |")
+        lines.append(md_row(exp, metric, arch, run, ours, len(rs), paper, sets))
     lines += ["", "| run | scale | settings that differ from the full-size defaults |", "|---|---|---|"]
     defaults = run_settings(Config())
     for run in dict.fromkeys(k[3] for k in g):
@@ -1770,8 +1770,13 @@ def results_table(res, scale):
               f"seeds) from one run of scale {scale} (the latest that has any of them) and the verdict. MIXED: that run "
               f"lacks some of the values, which only other runs have; NOT RUN: no run of this scale has them.", "",
               "| claim | criterion | ours | verdict | run |", "|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(row)} |" for row in check_claims(records)]
+    lines += [md_row(*row) for row in check_claims(records)]
     return "\n".join(lines) + "\n"
+
+
+def md_row(*cells):
+    """One row of a markdown table; a | inside a cell (max|k|) is escaped so it does not split the cell."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 def spearman(a, b):
@@ -1884,7 +1889,8 @@ def check_claims(records):
     for i, r in enumerate(records):
         order[r["run"]] = i
         table.setdefault((r["experiment"], r["metric"]), {}).setdefault(r["run"], {}).setdefault(r["arch"], []).append(r["value"])
-    show = lambda v: " ".join(f"{a} {u:.3g}" for a, u in v.items()) if isinstance(v, dict) else f"{v:.3g}"
+    num = lambda u: f"{u:.0f}" if abs(u) >= 1000 else f"{u:.3g}"  # counts (test images, eigenvectors) in full
+    show = lambda v: " ".join(f"{a} {num(u)}" for a, u in v.items()) if isinstance(v, dict) else num(v)
     rows = []
     for claim, criterion, needs, test in CLAIMS:
         runs = {run for n in needs for run in table.get(n, {})}

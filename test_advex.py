@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -1117,6 +1118,16 @@ def test_claims_come_from_one_run_and_never_mix_runs_or_scales(tmp_path, capsys)
     assert "claims, scale full" in out and "MIXED" in out
     advex.main(["report", "--out", str(tmp_path), "--scale", "quick"])
     assert "claims, scale quick (quick: tiny sizes; these verdicts mean nothing)" in capsys.readouterr().out
+
+
+def test_a_bar_inside_a_cell_does_not_split_its_markdown_row(tmp_path):
+    recs = [dict(rec("frequency", "robust model: heat map error, high frequencies (%)", 40.0), settings={"band": "max|k| >= 8"}),
+            rec("frequency", "standard model: heat map error, high frequencies (%)", 50.0)]
+    advex.write_results(str(tmp_path), recs, {}, scale="cpu")
+    cells = lambda line: len(re.split(r"(?<!\\)\|", line)) - 2  # bars not preceded by a backslash
+    md = open(tmp_path / "results.md").read().splitlines()
+    assert cells(next(l for l in md if l.startswith("| frequency | robust"))) == 8
+    assert cells(claim_line("\n".join(md), "Gilmer & Hendrycks (Yin et al.)")) == 5
 
 
 def claim_line(md, start):
