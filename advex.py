@@ -65,7 +65,7 @@ def knob(default, allowed):
 
 
 RULES = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=2": lambda v: v >= 2, "0 or >=2": lambda v: v == 0 or v >= 2,
-         "[0,1)": lambda v: 0 <= v < 1, "(0,100]": lambda v: 0 < v <= 100}
+         "[0,1)": lambda v: 0 <= v < 1, "(0,1]": lambda v: 0 < v <= 1, "(0,100]": lambda v: 0 < v <= 100}
 
 
 @dataclass
@@ -141,8 +141,8 @@ class Config:
     freq_images: int = 1000       # frequency: test images per Fourier basis image of the heat map (Yin et al.: 1000)
     # Goh: two examples of useful, non-robust features (CIFAR-10 trucks vs frogs)
     lin_eps: float = 0.25         # linear-features: L2 radius of robust usefulness
-    lin_robustness: float = 0.0037  # linear-features: the ensemble sums the eigenvectors less robust than this times the
-    #                               most robust one's (Goh's threshold, e^-9.115, was e^-5.6 = 0.0037 of his most robust)
+    lin_robustness: float = knob(0.0037, "(0,1]")  # linear-features: ensemble of the directions below this x the top robustness
+    #                               (Goh's threshold, e^-9.115, was e^-5.6 = 0.0037 of his most robust direction's)
     lin_size: int = 32            # linear-features: image side after area downsampling (32: all 3072 values; quick: 8)
     # Nakano: robust style transfer
     style_eps: tuple = (0.25, 0.5)  # style: L2 radii of the layer robustness R(f), pixel units
@@ -2598,8 +2598,11 @@ def check_config(cfg, experiment=None):
     if cfg.transfer_source not in cfg.transfer_archs or len(set(cfg.transfer_archs)) < len(cfg.transfer_archs):
         raise AdvexError(f"--transfer-archs {','.join(cfg.transfer_archs)} must list each architecture once, the source "
                          f"--transfer-source {cfg.transfer_source} among them (Fig. 3's self-transfer point)")
-    if not (cfg.freq_high <= 16 and cfg.freq_low < 16 and cfg.style_size >= 16):
-        raise AdvexError("--freq-high must be <= 16 and --freq-low < 16 (a 32x32 image's frequencies), --style-size >= 16")
+    if not (cfg.freq_high <= 16 and cfg.freq_low < 16):  # max(|kx|, |ky|) of a 32x32 image is at most 16
+        raise AdvexError(f"--freq-high {cfg.freq_high} must be <= 16 and --freq-low {cfg.freq_low} < 16 (a 32x32 image's "
+                         f"frequencies)")
+    if cfg.style_size < 16:
+        raise AdvexError(f"--style-size {cfg.style_size} must be >= 16 pixels")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise AdvexError(f"--device {cfg.device} asked for, but CUDA is not available on this machine")
     if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():

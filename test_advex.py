@@ -572,7 +572,8 @@ def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path, capsys):
              ("--inv-method", "magic"): "unknown --inv-method", ("--transfer-archs", "vgg16,lenet"): "'lenet'",
              ("--mis-teacher-acc", "150"): "(0,100]", ("--momentum", "1"): "[0,1)", ("--eval-eps", ""): "at least one",
              ("--rel-eps", "8/0"): "a fraction such as 8/255", ("--standard-from", "nofile.pt"): "no such file",
-             ("--freq-high", "17"): "<= 16", ("--style-image", str(a_file)): "cannot read image",
+             ("--freq-high", "17"): "<= 16", ("--style-size", "8"): "--style-size 8 must be >= 16",
+             ("--lin-robustness", "2"): "(0,1]", ("--style-image", str(a_file)): "cannot read image",
              ("--out", str(a_file)): "is not a writable folder", ("--con", "30"): "unrecognized",  # no abbreviations
              ("--transfer-source", "resnet50"): "the source", ("--transfer-archs", "fastnet,vgg16,vgg16"): "once",
              ("--width", "1"): "--width must be a finite number >=2", ("--transfer-width", "1"): "0 or >=2",
