@@ -65,7 +65,8 @@ def knob(default, allowed):
 
 
 RULES = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=2": lambda v: v >= 2, "0 or >=2": lambda v: v == 0 or v >= 2,
-         "[0,1)": lambda v: 0 <= v < 1, "(0,1]": lambda v: 0 < v <= 1, "(0,100]": lambda v: 0 < v <= 100}
+         "[0,1)": lambda v: 0 <= v < 1, "(0,1]": lambda v: 0 < v <= 1, "1..16": lambda v: 1 <= v <= 16,
+         "0..15": lambda v: 0 <= v <= 15, "1..32": lambda v: 1 <= v <= 32, ">=16": lambda v: v >= 16, "(0,100]": lambda v: 0 < v <= 100}
 
 
 @dataclass
@@ -135,20 +136,20 @@ class Config:
     transfer_archs: tuple = knob(("fastnet", "resnet18", "vgg16"), ARCHS)  # transfer: architectures, the source among them
     transfer_width: int = knob(0, "0 or >=2")  # transfer: base width of the architectures other than the source (0 = --width)
     # Gilmer & Hendrycks: frequency
-    freq_high: int = 8            # frequency: the high-pass filter keeps the 2D frequencies with max(|kx|,|ky|) >= this
-    freq_low: int = knob(2, ">=0")  # frequency: the low-pass filter keeps max(|kx|,|ky|) <= this
+    freq_high: int = knob(8, "1..16")  # frequency: the high-pass filter keeps the 2D frequencies with max(|kx|,|ky|) >= this
+    freq_low: int = knob(2, "0..15")  # frequency: the low-pass filter keeps max(|kx|,|ky|) <= this
     freq_norm: float = 4.0        # frequency: L2 norm (pixel units) of each Fourier basis perturbation (Yin et al.: 4)
     freq_images: int = 1000       # frequency: test images per Fourier basis image of the heat map (Yin et al.: 1000)
     # Goh: two examples of useful, non-robust features (CIFAR-10 trucks vs frogs)
     lin_eps: float = 0.25         # linear-features: L2 radius of robust usefulness
     lin_robustness: float = knob(0.0037, "(0,1]")  # linear-features: ensemble of the directions below this x the top robustness
     #                               (Goh's threshold, e^-9.115, was e^-5.6 = 0.0037 of his most robust direction's)
-    lin_size: int = 32            # linear-features: image side after area downsampling (32: all 3072 values; quick: 8)
+    lin_size: int = knob(32, "1..32")  # linear-features: image side after area downsampling (32: all 3072 values; quick: 8)
     # Nakano: robust style transfer
     style_eps: tuple = (0.25, 0.5)  # style: L2 radii of the layer robustness R(f), pixel units
     style_steps: int = 20         # style: PGD steps of R(f)'s inner max
     style_images: int = 1000      # style: test images that R(f) averages over
-    style_size: int = 64          # style: side of the stylised images (CIFAR content is upsampled to it)
+    style_size: int = knob(64, ">=16")  # style: side of the stylised images (CIFAR content is upsampled to it)
     style_iters: int = 300        # style: Adam steps of the style transfer
     style_image: str = knob("", "file")    # style: the style image (JPEG, PNG, ...; default: a seeded texture)
     content_image: str = knob("", "file")  # style: the content image (default: the first four CIFAR-10 test images)
@@ -2592,17 +2593,12 @@ def check_config(cfg, experiment=None):
             if isinstance(rule, re.Pattern) and not rule.fullmatch(u):
                 raise AdvexError(f"unknown {flag} {u!r}")
             if rule == "file" and u and not os.path.isfile(u):
-                raise AdvexError(f"{flag} {u}: no such file")
+                raise AdvexError(f"{flag} {u}: " + ("is a folder, not a file" if os.path.isdir(u) else "no such file"))
     if experiment is None:
         return
     if cfg.transfer_source not in cfg.transfer_archs or len(set(cfg.transfer_archs)) < len(cfg.transfer_archs):
         raise AdvexError(f"--transfer-archs {','.join(cfg.transfer_archs)} must list each architecture once, the source "
                          f"--transfer-source {cfg.transfer_source} among them (Fig. 3's self-transfer point)")
-    if not (cfg.freq_high <= 16 and cfg.freq_low < 16):  # max(|kx|, |ky|) of a 32x32 image is at most 16
-        raise AdvexError(f"--freq-high {cfg.freq_high} must be <= 16 and --freq-low {cfg.freq_low} < 16 (a 32x32 image's "
-                         f"frequencies)")
-    if cfg.style_size < 16:
-        raise AdvexError(f"--style-size {cfg.style_size} must be >= 16 pixels")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise AdvexError(f"--device {cfg.device} asked for, but CUDA is not available on this machine")
     if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
@@ -2611,6 +2607,8 @@ def check_config(cfg, experiment=None):
         raise AdvexError("transfer: --standard-from is a ResNet-50, so it needs --transfer-source resnet50")
     if experiment == "train-on" and not cfg.dataset:
         raise AdvexError("train-on needs --dataset DIR (a folder with CIFAR_ims and CIFAR_lab)")
+    if experiment == "train-on" and not all(os.path.isfile(os.path.join(cfg.dataset, f)) for f in ("CIFAR_ims", "CIFAR_lab")):
+        raise AdvexError(f"--dataset {cfg.dataset}: expected the files CIFAR_ims and CIFAR_lab in it")
     if experiment == "report":
         read_results(cfg.out, must_exist=True)
         return

@@ -572,7 +572,8 @@ def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path, capsys):
              ("--inv-method", "magic"): "unknown --inv-method", ("--transfer-archs", "vgg16,lenet"): "'lenet'",
              ("--mis-teacher-acc", "150"): "(0,100]", ("--momentum", "1"): "[0,1)", ("--eval-eps", ""): "at least one",
              ("--rel-eps", "8/0"): "a fraction such as 8/255", ("--standard-from", "nofile.pt"): "no such file",
-             ("--freq-high", "17"): "<= 16", ("--style-size", "8"): "--style-size 8 must be >= 16",
+             ("--freq-high", "17"): "1..16, got 17", ("--style-size", "8"): ">=16, got 8", ("--lin-size", "64"): "1..32",
+             ("--freq-low", "16"): "0..15", ("--content-image", str(tmp_path)): "is a folder, not a file",
              ("--lin-robustness", "2"): "(0,1]", ("--style-image", str(a_file)): "cannot read image",
              ("--out", str(a_file)): "is not a writable folder", ("--con", "30"): "unrecognized",  # no abbreviations
              ("--transfer-source", "resnet50"): "the source", ("--transfer-archs", "fastnet,vgg16,vgg16"): "once",
@@ -586,6 +587,7 @@ def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path, capsys):
     (tmp_path / "r" / "results.json").write_text("{not json")
     assert "not an advex results file" in cli_error(capsys, "standard", *q, "--out", str(tmp_path / "r"))
     assert "needs --dataset" in cli_error(capsys, "train-on", *q)
+    assert "expected the files CIFAR_ims and CIFAR_lab" in cli_error(capsys, "train-on", *q, "--dataset", empty)
     assert not os.path.exists(tmp_path / "o" / "artifacts")  # nothing was trained or built
 
 
