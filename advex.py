@@ -1766,7 +1766,7 @@ def results_table(res, scale):
     for run in dict.fromkeys(k[3] for k in g):
         s = res["runs"].get(run, {})
         diff = ", ".join(f"{k} {v}" for k, v in s.items() if k != "scale" and defaults.get(k, None) != v)
-        lines.append(f"| {run} | {s.get('scale', '')} | {diff or 'none'} |")
+        lines.append(md_row(run, s.get("scale", ""), diff or "none"))
     lines += ["", "## Claims", "", f"Each claim of the paper and the responses, its criterion, our values (mean over "
               f"seeds) from one run of scale {scale} (the latest that has any of them) and the verdict. MIXED: that run "
               f"lacks some of the values, which only other runs have; NOT RUN: no run of this scale has them.", "",
