@@ -315,7 +315,7 @@ class VGG(Net):
 
 
 class MnistCNN(Net):
-    """Small MNIST CNN (LeNet-like): conv5-pool-conv5-pool-fc128. Wallace's response: ~99.1% on MNIST."""
+    """Small MNIST CNN (LeNet-like): conv5-pool-conv5-pool-fc128, as in Wallace's response."""
 
     def __init__(self, classes=10, mean=(0.1307,), std=(0.3081,)):
         super().__init__(mean, std)
@@ -392,8 +392,14 @@ def predict(model, x, batch=4096):
     return over_set(model, lambda xb: model(xb).argmax(dim=1), x, batch)
 
 
+def pct(mask):
+    """The share of True in a boolean tensor, in %."""
+    return 100 * mask.float().mean().item()
+
+
 def accuracy(model, x, y, batch=4096):
-    return (predict(model, x, batch) == y).float().mean().item()
+    """% of x that the model classifies as y."""
+    return pct(predict(model, x, batch) == y)
 
 
 # =====================================================================================================================
@@ -659,14 +665,14 @@ def train(model, x, y, epochs, batch, lr, momentum=0.9, wd=5e-4, augment=False, 
 # =====================================================================================================================
 
 def robust_accuracy(model, x, y, eps, steps, step=None, restarts=1, norm="l2", batch=4096, name=""):
-    """Share of examples that no untargeted PGD iterate of any restart misclassifies (the clean image is the
+    """% of examples that no untargeted PGD iterate of any restart misclassifies (the clean image is the
     first iterate of restart 0, so this never exceeds the standard accuracy). Restart 0 starts at x; each
     further restart at a random point of the ball. An upper bound on the true robust accuracy, as every
     attack-based number is; more steps and restarts can only lower it."""
     fooled = torch.zeros(len(x), dtype=torch.bool, device=y.device)
     for r in range(restarts):
         fooled |= pgd(model, x, y, eps, steps, norm, step, random_start=r > 0, batch=batch, name=name)[1]
-    return 1 - fooled.float().mean().item()
+    return 100 * (1 - fooled.float().mean().item())
 
 
 def linear_weights(model, shape):
@@ -718,9 +724,9 @@ def evaluate(cfg, model, x, y):
     attacks = eval_attacks(cfg)
 
     def run():
-        values = {"standard acc": 100 * accuracy(model, x, y, cfg.attack_batch)}
+        values = {"standard acc": accuracy(model, x, y, cfg.attack_batch)}
         for metric, a in attacks.items():
-            values[metric] = 100 * robust_accuracy(model, x, y, a["eps"], a["steps"], a["step"], a["restarts"],
+            values[metric] = robust_accuracy(model, x, y, a["eps"], a["steps"], a["step"], a["restarts"],
                                                    batch=cfg.attack_batch, name=f"eval {model.name}: {metric}")
         return values
 
@@ -780,7 +786,7 @@ def train_model(cfg, dev, name, x, y, r):
         maybe_compile(model, x, cfg.compile)
         stop = None
         if "stop_acc" in r:  # Wallace's weak teacher; checked on training images only, never on test data
-            stop = lambda e: 100 * accuracy(model, x[:2000], y[:2000], cfg.attack_batch) >= r["stop_acc"]
+            stop = lambda e: accuracy(model, x[:2000], y[:2000], cfg.attack_batch) >= r["stop_acc"]
         if "stop_epochs" in r:
             stop = lambda e: e >= r["stop_epochs"]
         done = train(model, x, y, r["epochs"], r["batch"], r["lr"], r["momentum"], r["wd"], r["augment"],
@@ -815,13 +821,13 @@ def eval_records(cfg, experiment, model, data, **extra):
 
 
 def exp_standard(cfg, dev):
-    """Ilyas et al.: a standard CIFAR-10 model on D (paper, ResNet-50: 95.3% standard, 4.5% robust)."""
+    """Ilyas et al.: a standard CIFAR-10 model on D (the paper's: a ResNet-50; its numbers in PAPER)."""
     cfg, data = cifar(cfg, dev)
     return eval_records(cfg, "standard", standard_model(cfg, dev, data), data)
 
 
 def exp_robust(cfg, dev):
-    """Ilyas et al.: L2 adversarial training, eps 0.5, 7 steps of 0.1 (paper: 90.8% standard, 82.3% at 0.25)."""
+    """Ilyas et al. App. C: L2 adversarial training, eps 0.5, 7 steps of 0.1 (--adv-*)."""
     cfg, data = cifar(cfg, dev)
     return eval_records(cfg, "robust", robust_model(cfg, dev, data), data)
 
@@ -867,8 +873,7 @@ def construct(cfg, dev, data, name, source=None):
     x, y = data[0], data[1]
     run = lambda: {k: v.half() if k == "images" else v for k, v in build(src, x, y, name, **fixed, **knobs).items()}
     settings = dict(procedure=build.__name__, **fixed, **{k: v for k, v in knobs.items() if k not in WHERE})
-    return stage(cfg, name, run, settings, inputs=(x, y), models=(src,),
-                 title=f"{name} from {src.name}")
+    return stage(cfg, name, run, settings, inputs=(x, y), models=(src,), title=f"{name} from {src.name}")
 
 
 def constructed_model(cfg, dev, name, ds):
@@ -888,13 +893,12 @@ def construction_records(cfg, name, ds):
         recs = [record(cfg, name, "inversion rel. dist median", rel.median().item(), method=cfg.inv_method,
                        steps=cfg.inv_steps, step=cfg.inv_step),
                 record(cfg, name, "inversion rel. dist p95", rel.quantile(0.95).item()),
-                record(cfg, name, "source acc on images vs y", 100 * (pred == y).float().mean().item(), 100)]
+                record(cfg, name, "source acc on images vs y", pct(pred == y), 100)]
         if "start" in ds:  # a construction that starts from an image (not, say, from noise)
-            recs.append(record(cfg, name, "source acc on images vs start's label",
-                               100 * (pred == y[ds["start"]]).float().mean().item(), 10))
+            recs.append(record(cfg, name, "source acc on images vs start's label", pct(pred == y[ds["start"]]), 10))
         return recs
     other = y != ds["true"]
-    return [record(cfg, name, "fooling rate (t != y)", 100 * (pred == y)[other].float().mean().item(),
+    return [record(cfg, name, "fooling rate (t != y)", pct((pred == y)[other]),
                    eps=cfg.rel_eps, steps=cfg.rel_steps, step=cfg.rel_step),
             record(cfg, name, "share with t = y", 100 * (1 - other.float().mean().item()))]
 
@@ -912,7 +916,7 @@ def exp_constructed(cfg, dev, name):
                                                               epochs=r["epochs"])
     if name == "d_det":  # high here means the model learnt D_det's robust features (y -> y+1), not its non-robust ones
         recs.append(record(cfg, name, "test acc on shifted labels y+1",
-                           100 * accuracy(model, data[2], (data[3] + 1) % 10, cfg.attack_batch)))
+                           accuracy(model, data[2], (data[3] + 1) % 10, cfg.attack_batch)))
     return recs
 
 
@@ -953,8 +957,8 @@ def exp_transfer(cfg, dev):
                                    cfg.transfer_width or cfg.width)
         attacked = source if arch == cfg.transfer_source else \
             train_model(acfg, dev, "standard", data[0], data[1], recipe(acfg))
-        transfer = 100 * (predict(attacked, xa, cfg.attack_batch) == t).float().mean().item()
-        acc = 100 * accuracy(constructed_model(acfg, dev, "d_det", ds), data[2], data[3], cfg.attack_batch)
+        transfer = pct(predict(attacked, xa, cfg.attack_batch) == t)
+        acc = accuracy(constructed_model(acfg, dev, "d_det", ds), data[2], data[3], cfg.attack_batch)
         paper = lambda m: PAPER.get(("transfer", m, arch)) if cfg.transfer_source == "resnet50" else None
         recs += [record(cfg, "transfer", "D_det-trained test acc", acc, paper("D_det-trained test acc"), arch,
                         source=cfg.transfer_source),
@@ -969,9 +973,9 @@ def exp_transfer(cfg, dev):
 def exp_mislabeled(cfg, dev):
     """Wallace, "Learning from Incorrectly Labeled Data": a deliberately weak teacher relabels the CIFAR-10 training
     set with its own predictions; only the images it gets *wrong* are kept; a fresh model trained on them alone is
-    tested on the real test set. Response (ResNet-18, 2 epochs): teacher 62.5% train / 63.1% test, 18,768 kept,
-    49.7%. Our teacher stops as soon as its accuracy on (2000) training images reaches --mis-teacher-acc (62.5), so
-    it is as weak as his whatever the architecture and scale (at most --mis-teacher-epochs)."""
+    tested on the real test set (his numbers, ResNet-18 for 2 epochs: PAPER). Our teacher stops as soon as its
+    accuracy on (2000) training images reaches his, --mis-teacher-acc, so it is as weak as his whatever the
+    architecture and scale (at most --mis-teacher-epochs)."""
     cfg, (x, y, xte, yte) = cifar(cfg, dev)
     teacher = train_model(cfg, dev, "mislabeled-teacher", x, y,
                           recipe(cfg, epochs=cfg.mis_teacher_epochs, stop_acc=cfg.mis_teacher_acc))
@@ -981,9 +985,9 @@ def exp_mislabeled(cfg, dev):
     e = "mislabeled"
     return [record(cfg, e, "teacher epochs trained", teacher.epochs_done, stop_acc=cfg.mis_teacher_acc),
             record(cfg, e, "teacher train acc", 100 * (1 - keep.float().mean().item())),
-            record(cfg, e, "teacher test acc", 100 * accuracy(teacher, xte, yte, cfg.attack_batch)),
+            record(cfg, e, "teacher test acc", accuracy(teacher, xte, yte, cfg.attack_batch)),
             record(cfg, e, "kept (wrong) images", len(xk), 18768 if len(x) == 50000 else None, of=len(x)),
-            record(cfg, e, "student test acc", 100 * accuracy(student, xte, yte, cfg.attack_batch), epochs=cfg.mis_epochs)]
+            record(cfg, e, "student test acc", accuracy(student, xte, yte, cfg.attack_batch), epochs=cfg.mis_epochs)]
 
 
 def fashion_as_mnist(xf, variant, mnist_mean=0.1307, mnist_std=0.3081):
@@ -1002,14 +1006,13 @@ def fashion_as_mnist(xf, variant, mnist_mean=0.1307, mnist_std=0.3081):
 
 def exp_mnist_fashion(cfg, dev):
     """Wallace: an MNIST CNN labels the Fashion-MNIST training images (their own labels are never read); a fresh CNN
-    trained on those pairs is tested on MNIST. Response: teacher 99.1%, student 91.04% (Fashion normalised with its
-    own statistics), 94.5% (with MNIST's)."""
+    trained on those pairs is tested on MNIST, with Fashion normalised by its own statistics and by MNIST's."""
     cfg, (xm, ym, xf, xmt, ymt) = mnist_and_fashion(cfg, dev)
     mnist = dict(arch="mnist_cnn", width=0, batch=cfg.mnist_batch, lr=cfg.mnist_lr, momentum=cfg.momentum, wd=cfg.wd,
                  augment=False, epochs=cfg.mnist_epochs)
     teacher = train_model(cfg, dev, "mnist-teacher", xm, ym, mnist)
     e = "mnist-fashion"
-    recs = [record(cfg, e, "teacher MNIST test acc", 100 * accuracy(teacher, xmt, ymt, cfg.attack_batch), arch="mnist_cnn",
+    recs = [record(cfg, e, "teacher MNIST test acc", accuracy(teacher, xmt, ymt, cfg.attack_batch), arch="mnist_cnn",
                    epochs=cfg.mnist_epochs)]
     for variant in ("own", "mnist"):
         xv = fashion_as_mnist(xf, variant)
@@ -1017,7 +1020,7 @@ def exp_mnist_fashion(cfg, dev):
         hist = torch.bincount(labels, minlength=10).tolist()
         log(f"[{e}] Fashion-MNIST relabelled by the MNIST teacher ({variant} statistics): label histogram {hist}")
         student = train_model(cfg, dev, f"mnist-student-{variant}", xv, labels, mnist)
-        recs.append(record(cfg, e, f"student MNIST test acc ({variant} stats)", 100 * accuracy(student, xmt, ymt, cfg.attack_batch),
+        recs.append(record(cfg, e, f"student MNIST test acc ({variant} stats)", accuracy(student, xmt, ymt, cfg.attack_batch),
                            arch="mnist_cnn", label_hist=hist, epochs=cfg.mnist_epochs))
     return recs
 
@@ -1055,12 +1058,12 @@ def exp_bugs(cfg, dev):
             xa = ds["images"].to(dev)
             model = train_model(cfg, dev, f"{name}-model", xa, ds["labels"].to(dev), recipe(cfg, augment=False))
             e = f"bugs {norm} {method}"
-            recs += [record(cfg, e, "attack success on target", 100 * (predict(target, xa, cfg.attack_batch) == t).float().mean().item(),
+            recs += [record(cfg, e, "attack success on target", pct(predict(target, xa, cfg.attack_batch) == t),
                             norm=norm, eps=round(eps, 5), steps=10, step=round(step, 5), k=len(ensemble)),
-                     record(cfg, e, "transfer to fresh model", 100 * (predict(fresh, xa, cfg.attack_batch) == t).float().mean().item()),
-                     record(cfg, e, "trained-on: test acc, true labels", 100 * accuracy(model, xte, yte, cfg.attack_batch)),
+                     record(cfg, e, "transfer to fresh model", pct(predict(fresh, xa, cfg.attack_batch) == t)),
+                     record(cfg, e, "trained-on: test acc, true labels", accuracy(model, xte, yte, cfg.attack_batch)),
                      record(cfg, e, "trained-on: test acc, shifted labels",
-                            100 * accuracy(model, xte, (yte + 1) % 10, cfg.attack_batch))]
+                            accuracy(model, xte, (yte + 1) % 10, cfg.attack_batch))]
     return recs
 
 
@@ -1085,7 +1088,7 @@ def exp_squares(cfg, dev):
 
     def flipped(m, eps):  # share of test points some Linf PGD iterate moves off the model's own prediction
         _, moved = pgd(m, xte, predict(m, xte, cfg.attack_batch), eps, 10, "linf", lo=-1.1, hi=1.1, batch=cfg.attack_batch)
-        return 100 * moved.float().mean().item()
+        return pct(moved)
 
     linear = LinearNet(2, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).to(dev)
     with torch.no_grad():  # logit_1 - logit_0 = 2 * mean pixel: each pixel keeps its sign under Linf < 0.9
@@ -1095,14 +1098,14 @@ def exp_squares(cfg, dev):
     if linear_flipped != 0:  # true by construction: a sanity check of pgd and the data, not one of the claims
         raise AdvexError(f"squares: the linear classifier was flipped at Linf 0.89 on {linear_flipped}% of points")
     e = "squares"
-    recs = [record(cfg, e, "linear: test acc", 100 * accuracy(linear, xte, yte, cfg.attack_batch), arch="linear"),
+    recs = [record(cfg, e, "linear: test acc", accuracy(linear, xte, yte, cfg.attack_batch), arch="linear"),
             record(cfg, e, "linear: flipped by Linf 0.89", linear_flipped, arch="linear", norm="linf", eps=0.89, steps=10)]
     r = recipe(cfg, epochs=cfg.squares_epochs, batch=128, lr=cfg.squares_lr, optimizer="adam", augment=False, classes=2,
                norm=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     for what, ri in (("memorising", r), ("1 epoch", dict(r, stop_epochs=1))):  # the same run, stopped early
         m = train_model(cfg, dev, "squares-net", x, y, ri)
-        recs += [record(cfg, e, f"net {what}: train acc", 100 * accuracy(m, x, y, cfg.attack_batch), epochs=m.epochs_done),
-                 record(cfg, e, f"net {what}: test acc", 100 * accuracy(m, xte, yte, cfg.attack_batch)),
+        recs += [record(cfg, e, f"net {what}: train acc", accuracy(m, x, y, cfg.attack_batch), epochs=m.epochs_done),
+                 record(cfg, e, f"net {what}: test acc", accuracy(m, xte, yte, cfg.attack_batch)),
                  record(cfg, e, f"net {what}: flipped by Linf 0.01", flipped(m, 0.01), norm="linf", eps=0.01, steps=10)]
     return recs
 
@@ -1127,9 +1130,9 @@ def fit_linear(f, y, steps=500, lr=0.05):
 
 def exp_leakage(cfg, dev):
     """Goh, "Robust Feature Leakage": the 10 linear features of a robust linear classifier (L2 adversarial training)
-    carry information into D_rand but not into D_det: a linear model on those features trained on D_rand reaches
-    23.5% on the real test set (his deep model on the same D_rand: 88%), on D_det 6.81%. His features meet two
-    specifications, both exact for a linear model: Spec 1, each feature is robustly useful for some class within
+    carry information into D_rand but not into D_det: a linear model on those features trained on D_rand is well
+    above chance on the real test set, on D_det not (his numbers, and his deep model's on D_rand: PAPER). His
+    features meet two specifications, both exact for a linear model: Spec 1, each feature is robustly useful for some class within
     L2 0.25 (linear_robust_usefulness); Spec 2, the classifier is stable (>= 80% of test predictions certified
     unchanged within L2 0.25)."""
     cfg, data = cifar(cfg, dev)
@@ -1140,28 +1143,28 @@ def exp_leakage(cfg, dev):
     e = "leakage"
     feats = lambda imgs: over_set(lin, lambda xb: lin(xb).float(), imgs, cfg.attack_batch)  # (N, 10): its features
     gamma = linear_robust_usefulness(lin, xte, yte, 0.25)  # (10 features, 10 classes)
-    recs = [record(cfg, e, "robust linear: test acc", 100 * accuracy(lin, xte, yte, cfg.attack_batch), arch="linear",
+    recs = [record(cfg, e, "robust linear: test acc", accuracy(lin, xte, yte, cfg.attack_batch), arch="linear",
                    adv_eps=cfg.leak_eps),
             record(cfg, e, "robust linear: features robustly useful at L2 0.25 (of 10)",
                    (gamma.amax(dim=1) >= 0).sum().item(), arch="linear", worst=round(gamma.amax(dim=1).min().item(), 4)),
             record(cfg, e, "robust linear: certified acc L2 0.25",
-                   100 * linear_certified(lin, xte, yte, 0.25).float().mean().item(), arch="linear"),
+                   pct(linear_certified(lin, xte, yte, 0.25)), arch="linear"),
             record(cfg, e, "robust linear: stable predictions L2 0.25",
-                   100 * linear_certified(lin, xte, predict(lin, xte, cfg.attack_batch), 0.25).float().mean().item(),
+                   pct(linear_certified(lin, xte, predict(lin, xte, cfg.attack_batch), 0.25)),
                    arch="linear"),
             record(cfg, e, "test images", len(yte))]
     seed_all(cfg.seed, "leakage-head")
     head = fit_linear(feats(x), y)
-    recs.append(record(cfg, e, "linear on features, trained on D", 100 * (head(feats(xte)).argmax(1) == yte).float().mean().item(),
+    recs.append(record(cfg, e, "linear on features, trained on D", pct(head(feats(xte)).argmax(1) == yte),
                        arch="linear"))
     for name in ("d_rand", "d_det"):
         ds = construct(cfg, dev, data, name)
         seed_all(cfg.seed, f"leakage-head-{name}")
         head = fit_linear(feats(ds["images"].to(dev)), ds["labels"].to(dev))
-        acc = 100 * (head(feats(xte)).argmax(1) == yte).float().mean().item()
+        acc = pct(head(feats(xte)).argmax(1) == yte)
         recs += [record(cfg, e, f"linear on features, trained on {name}", acc, arch="linear"),
                  record(cfg, e, f"deep model trained on {name}: test acc",
-                        100 * accuracy(constructed_model(cfg, dev, name, ds), xte, yte, cfg.attack_batch))]
+                        accuracy(constructed_model(cfg, dev, name, ds), xte, yte, cfg.attack_batch))]
     return recs
 
 
@@ -1211,7 +1214,7 @@ def fourier_heatmap(model, x, y, norm, batch):
                 continue
             s = torch.randint(0, 2, (len(x), x.shape[1], 1, 1), device=x.device) * 2 - 1
             xp = (xs + norm * s * fourier_basis(size, i, j).to(x.device)).clamp(0, 1)
-            err[i + half, j + half] = 100 * (predict(model, xp, batch) != y).float().mean().item()
+            err[i + half, j + half] = pct(predict(model, xp, batch) != y)
     return err
 
 
@@ -1257,8 +1260,8 @@ def exp_frequency(cfg, dev):
         frequencies max(|k|) >= --freq-high (shifted to grey 0.5, not clipped) or <= --freq-low;
     (b) Fourier heat maps (Yin et al. 2019) of the standard and the robust model: adversarial training trades
         robustness to high-frequency perturbations for fragility at low frequencies;
-    (c) CIFAR-10-C's fog, contrast and Gaussian noise, severities 1-5 (adversarial training lowers fog accuracy from
-        85.7% to 55.3%): accuracy and accuracy retained (corrupted / clean; the two models' clean accuracies differ)."""
+    (c) CIFAR-10-C's fog, contrast and Gaussian noise, severities 1-5 (adversarial training lowers fog accuracy:
+        PAPER): accuracy and accuracy retained (corrupted / clean; the two models' clean accuracies differ)."""
     cfg, data = cifar(cfg, dev)
     x, y, xte, yte = data
     e, recs = "frequency", []
@@ -1268,7 +1271,7 @@ def exp_frequency(cfg, dev):
         f = lambda imgs: band_pass(to_float(imgs), band.get("lo", 0), band.get("hi", math.inf)) + band["grey"]
         model = train_model(cfg, dev, name, f(x), y, recipe(cfg))
         shown[name] = f(xte[:10])
-        recs += [record(cfg, e, f"{name}: test acc (filtered test set)", 100 * accuracy(model, f(xte), yte, cfg.attack_batch),
+        recs += [record(cfg, e, f"{name}: test acc (filtered test set)", accuracy(model, f(xte), yte, cfg.attack_batch),
                         keep=f"max|k| >= {cfg.freq_high}" if name == "high-pass" else f"max|k| <= {cfg.freq_low}"),
                  record(cfg, e, f"{name}: share of non-DC energy kept (%)",
                         100 * energy_share(to_float(xte), band.get("lo", 0), band.get("hi", math.inf)))]
@@ -1281,23 +1284,20 @@ def exp_frequency(cfg, dev):
         maps[kind] = stage(cfg, "heatmap", lambda: dict(error=fourier_heatmap(model, xte[:n], yte[:n], cfg.freq_norm, cfg.attack_batch)),
                            dict(norm=cfg.freq_norm), inputs=(xte[:n], yte[:n]), models=(model,),
                            title=f"heatmap {model.name}")["error"]
-        clean = 100 * accuracy(model, xte, yte, cfg.attack_batch)
-        recs += [record(cfg, e, f"{kind} model: heat map error, high frequencies (%)", maps[kind][high].mean().item(),
-                        arch=model.key.get("arch"), band=f"max|k| >= {cfg.freq_high}", norm=cfg.freq_norm, images=n),
-                 record(cfg, e, f"{kind} model: heat map error, low frequencies (%)", maps[kind][low].mean().item(),
-                        arch=model.key.get("arch"), band=f"max|k| <= {cfg.freq_low}"),
-                 record(cfg, e, f"{kind} model: clean test acc", clean, arch=model.key.get("arch"))]
+        clean, rec = accuracy(model, xte, yte, cfg.attack_batch), functools.partial(record, cfg, e, arch=model.key.get("arch"))
+        recs += [rec(f"{kind} model: heat map error, high frequencies (%)", maps[kind][high].mean().item(),
+                     band=f"max|k| >= {cfg.freq_high}", norm=cfg.freq_norm, images=n),
+                 rec(f"{kind} model: heat map error, low frequencies (%)", maps[kind][low].mean().item(),
+                     band=f"max|k| <= {cfg.freq_low}"),
+                 rec(f"{kind} model: clean test acc", clean)]
         for corruption in ("fog", "contrast", "noise"):
             accs = []
             for severity in range(1, 6):
                 seed_all(cfg.seed, f"{corruption}{severity}")  # the same corrupted images for both models
-                accs.append(100 * accuracy(model, corrupt(to_float(xte), corruption, severity), yte, cfg.attack_batch))
-                recs.append(record(cfg, e, f"{kind} model: {corruption} severity {severity} acc", accs[-1],
-                                   arch=model.key.get("arch")))
-            recs += [record(cfg, e, f"{kind} model: {corruption} acc, mean over severities", sum(accs) / 5,
-                            arch=model.key.get("arch")),
-                     record(cfg, e, f"{kind} model: {corruption} accuracy retained (%)", 100 * sum(accs) / 5 / max(clean, 1e-9),
-                            arch=model.key.get("arch"))]
+                accs.append(accuracy(model, corrupt(to_float(xte), corruption, severity), yte, cfg.attack_batch))
+                recs.append(rec(f"{kind} model: {corruption} severity {severity} acc", accs[-1]))
+            recs += [rec(f"{kind} model: {corruption} acc, mean over severities", sum(accs) / 5),
+                     rec(f"{kind} model: {corruption} accuracy retained (%)", 100 * sum(accs) / 5 / max(clean, 1e-9))]
     figure_frequency(cfg, maps, to_float(xte[:10]), yte[:10], shown)
     return recs
 
@@ -1341,12 +1341,10 @@ def exp_linear_features(cfg, dev):
     useful, robust = linear_feature_stats(eigs, x, y, cov)
     eigs, useful = eigs * useful.sign()[:, None], useful.abs()  # each direction's sign makes it useful (on training images)
     e, n = "linear-features", len(xt)
-    recs = [record(cfg, e, "training images", len(x), arch="linear"), record(cfg, e, "test images", n, arch="linear"),
-            record(cfg, e, "eigenvectors", len(eigs), arch="linear", side=cfg.lin_size),
-            record(cfg, e, "eigenvectors: Spearman(log robustness, usefulness)", spearman(robust.log().tolist(), useful.tolist()),
-                   arch="linear"),
-            record(cfg, e, "most useful eigenvector: usefulness", useful.max().item(), arch="linear",
-                   rank_by_robustness=int(useful.argmax()))]
+    rec = functools.partial(record, cfg, e, arch="linear")
+    recs = [rec("training images", len(x)), rec("test images", n), rec("eigenvectors", len(eigs), side=cfg.lin_size),
+            rec("eigenvectors: Spearman(log robustness, usefulness)", spearman(robust.log().tolist(), useful.tolist())),
+            rec("most useful eigenvector: usefulness", useful.max().item(), rank_by_robustness=int(useful.argmax()))]
     seed_all(cfg.seed, e)
     below = robust < cfg.lin_robustness * robust.max()
     ens = {}
@@ -1355,20 +1353,17 @@ def exp_linear_features(cfg, dev):
         a = (signs[:, None] * eigs[below]).sum(dim=0, keepdim=True)
         (u_in, r_in), (u_out, _) = linear_feature_stats(a, x, labels, cov), linear_feature_stats(a, xt, yt, cov)
         ens[what] = (r_in.item(), u_out.item())
-        recs += [record(cfg, e, f"{what}: usefulness on its training labels (signs chosen there)", u_in.item(),
-                        arch="linear", directions=int(below.sum())),
-                 record(cfg, e, f"{what}: usefulness on test images", u_out.item(), arch="linear"),
-                 record(cfg, e, f"{what}: robustness", r_in.item(), arch="linear")]
-    recs += [record(cfg, e, "ensemble: directions", int(below.sum()), arch="linear", threshold=cfg.lin_robustness),
-             record(cfg, e, f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)",
-                    ens["ensemble"][1] - cfg.lin_eps / ens["ensemble"][0], arch="linear")]
+        recs += [rec(f"{what}: usefulness on its training labels (signs chosen there)", u_in.item(),
+                     directions=int(below.sum())),
+                 rec(f"{what}: usefulness on test images", u_out.item()), rec(f"{what}: robustness", r_in.item())]
+    recs += [rec("ensemble: directions", int(below.sum()), threshold=cfg.lin_robustness),
+             rec(f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)", ens["ensemble"][1] - cfg.lin_eps / ens["ensemble"][0])]
     alpha = torch.logspace(0, -9, 200, dtype=torch.float64, device=dev)[:, None]
     a_r, a_nr = eigs[int(useful.argmax())], eigs[-1]  # the most useful direction; the least robust one
     path = linear_feature_stats((1 - alpha) * a_nr + alpha * a_r, x, y, cov)
     kept = path[0] >= 0.9 * path[0][0]  # path[.][0]: alpha = 1, a_robust itself
     drop = (path[1][kept].min() / path[1][0]).item()
-    recs.append(record(cfg, e, "containment: robustness left while keeping 90% of a_robust's usefulness (%)", 100 * drop,
-                       arch="linear"))
+    recs.append(rec("containment: robustness left while keeping 90% of a_robust's usefulness (%)", 100 * drop))
     figure_linear_features(cfg, useful, robust, ens, path, (useful.max().item(), robust[int(useful.argmax())].item()))
     return recs
 
@@ -1473,10 +1468,10 @@ def exp_style(cfg, dev):
         outs[kind] = style_transfer(model, std, content, style, cfg.style_iters)
         with torch.no_grad():
             closer = (style_distance(judge, outs[kind], style) / style_distance(judge, content, style)).mean().item()
-        recs += [record(cfg, e, f"{kind} style: share of the change at high frequency (%)",
-                        100 * energy_share(outs[kind] - content, lo=size // 4), arch=model.key.get("arch"), size=size,
-                        iters=cfg.style_iters),
-                 record(cfg, e, f"{kind} style: judge's style distance, output / content", closer, arch=model.key.get("arch"))]
+        rec = functools.partial(record, cfg, e, arch=model.key.get("arch"))
+        recs += [rec(f"{kind} style: share of the change at high frequency (%)",
+                     100 * energy_share(outs[kind] - content, lo=size // 4), size=size, iters=cfg.style_iters),
+                 rec(f"{kind} style: judge's style distance, output / content", closer)]
     grid(os.path.join(cfg.out, "style.png"), f"Nakano: style transfer with a standard vs a robust model ({tag(cfg)})",
          [torch.stack([c, style[0], outs["standard"][i], outs["robust"][i]]) for i, c in enumerate(content)],
          [f"content {i + 1}" for i in range(len(content))], ["content", "style", "standard model's style",
@@ -1499,7 +1494,7 @@ WHERE = {"data", "out", "download", "device", "compile", "attack_batch", "seed",
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 STAGES = []   # this process's timed stages; main() adds them to results.json
 MEMO = {}     # artifact path -> what stage() returned for it, in this process
-FLOPS = [0]   # FLOPs counted by count_flops (while flops_counted is installed)
+FLOPS = [0]   # FLOPs counted by count_flops (while flops_counted() is active)
 _NESTED = []  # [seconds, flops] of the stages running inside each running stage (a stage's own time excludes them)
 _FINGERPRINTS = {}
 
@@ -1570,12 +1565,15 @@ def read_artifact(path, key):
 
 
 def save_atomic(obj, path):
-    """torch.save (or text for str) to a temporary name, then rename: an interrupt never leaves half a file."""
+    """torch.save (text for a str, PNG for a Pillow image) to a temporary name, then rename: an interrupt never leaves
+    half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     if isinstance(obj, str):
         with open(tmp, "w") as f:
             f.write(obj)
+    elif hasattr(obj, "save"):
+        obj.save(tmp, format="PNG")
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -1626,20 +1624,14 @@ def count_flops(module, inputs, output):
         FLOPS[0] += (3 if module.training else 2 if torch.is_grad_enabled() else 1) * 2 * output.numel() * per_output
 
 
-_HOOK = []
-
-
 @contextlib.contextmanager
 def flops_counted():
-    """count_flops installed as a global forward hook while inside (once, however deeply nested)."""
-    if _HOOK:
-        yield
-        return
-    _HOOK.append(nn.modules.module.register_module_forward_hook(count_flops))
+    """count_flops installed as a global forward hook while inside (main() holds it for the whole run)."""
+    hook = nn.modules.module.register_module_forward_hook(count_flops)
     try:
         yield
     finally:
-        _HOOK.pop().remove()
+        hook.remove()
 
 
 def fmt_time(s):
@@ -1950,6 +1942,7 @@ def stage_table(stages, wall=None):
 BLUE, LIGHT_BLUE, ORANGE, LIGHT_ORANGE, GREY = (33, 113, 181), (158, 202, 225), (230, 85, 13), (253, 174, 107), (90, 90, 90)
 
 
+@functools.cache
 def font(size):
     from PIL import ImageFont
     try:
@@ -1959,9 +1952,7 @@ def font(size):
 
 
 def text_width(s, size=14):
-    from PIL import Image, ImageDraw
-    box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), s, font=font(size))
-    return box[2] - box[0]
+    return font(size).getlength(s)
 
 
 def canvas(width, height, title, note=""):
@@ -1974,21 +1965,11 @@ def canvas(width, height, title, note=""):
     return im, d, 62 if note else 40
 
 
-def save_png(image, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    image.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-
-
 def legend(d, x, y, items):
     """Coloured squares with labels, one per line, from (x, y)."""
     for k, (label, colour) in enumerate(items):
         d.rectangle([x, y + 20 * k + 3, x + 12, y + 20 * k + 15], fill=colour)
         d.text((x + 18, y + 20 * k), label, fill="black", font=font(14))
-
-
-def legend_width(labels):
-    return 40 + max(text_width(label) for label in labels)
 
 
 def grid(path, title, rows, row_names, col_names, scale=3, note=""):
@@ -2009,7 +1990,7 @@ def grid(path, title, rows, row_names, col_names, scale=3, note=""):
         for j, img in enumerate(r.float().cpu().clamp(0, 1)):
             tile = Image.fromarray(img.expand(3, H, W).mul(255).round().byte().permute(1, 2, 0).numpy())
             im.paste(tile.resize((W * scale, H * scale), Image.NEAREST), (int(left + j * cell + (cell - W * scale) / 2), y0))
-    save_png(im, path)
+    save_atomic(im, path)
 
 
 def ticks(a, b, log=False):
@@ -2024,7 +2005,7 @@ def ticks(a, b, log=False):
 def bars(path, title, ylabel, groups, series, note=""):
     """Grouped bar chart on 0..100: groups (names on the x axis), series [(label, colour, [value or None per group])]."""
     gw, bw = max(40 + 34 * len(series), max(text_width(g) for g in groups) + 20), 30
-    im, d, top = canvas(100 + len(groups) * gw + legend_width([s[0] for s in series]), 480, title, note)
+    im, d, top = canvas(140 + len(groups) * gw + max(text_width(s[0]) for s in series), 480, title, note)
     x0, y0, h = 80, top + 20, 330  # plot area: x0.., y0..y0 + h
     to_y = lambda v: y0 + h - v / 100 * h
     for v in range(0, 101, 20):
@@ -2042,7 +2023,7 @@ def bars(path, title, ylabel, groups, series, note=""):
         d.text((x0 + g * gw + gw / 2 - text_width(name) / 2, y0 + h + 8), name, fill="black", font=font(14))
     d.line([x0, y0 + h, x0 + len(groups) * gw, y0 + h], fill="black")
     legend(d, x0 + len(groups) * gw + 20, y0, [(label, colour) for label, colour, _ in series])
-    save_png(im, path)
+    save_atomic(im, path)
 
 
 def plot(path, title, xlabel, ylabel, series, xlog=False, note="", xlim=None, ylim=None):
@@ -2055,7 +2036,7 @@ def plot(path, title, xlabel, ylabel, series, xlog=False, note="", xlim=None, yl
     (xa, xb) = (tx(xlim[0]), tx(xlim[1])) if xlim else pad(min(p[0] for p in pts), max(p[0] for p in pts))
     (ya, yb) = ylim or pad(min(p[1] for p in pts), max(p[1] for p in pts))
     x0, w, h = 90, 560, 480
-    im, d, top = canvas(x0 + w + 30 + legend_width([s["label"] for s in series]), h + 150, title, note)
+    im, d, top = canvas(x0 + w + 70 + max(text_width(s["label"]) for s in series), h + 150, title, note)
     y0 = top + 20
     to = lambda u, v: (x0 + (tx(u) - xa) / (xb - xa) * w, y0 + h - (v - ya) / (yb - ya) * h)
     d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
@@ -2085,7 +2066,7 @@ def plot(path, title, xlabel, ylabel, series, xlog=False, note="", xlim=None, yl
                 taken.append((x, y, text_width(label, 13)))
                 d.text((x, y), label, fill="black", font=font(13))
     legend(d, x0 + w + 20, y0, [(s["label"], s["colour"]) for s in series])
-    save_png(im, path)
+    save_atomic(im, path)
 
 
 VIRIDIS = torch.tensor([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]) / 255.0
@@ -2227,17 +2208,23 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _download(dataset, root):
-    """torchvision's download of CIFAR10 / MNIST / FashionMNIST into root (torchvision is imported only when it is
-    needed: it costs a second of start-up). On failure say so, and remove root if the attempt created it."""
-    existed = os.path.exists(root)
-    try:
-        import torchvision
-        getattr(torchvision.datasets, dataset)(root, download=True)
-    except Exception as e:
-        log(f"advex: {dataset} download failed ({why(e)})")
-        if not existed:
-            shutil.rmtree(root, ignore_errors=True)
+def need_files(dataset, root, folder, names, download):
+    """The files `names` in `folder`, after torchvision's download of `dataset` (CIFAR10, MNIST, FashionMNIST) into
+    root if some are missing and download is allowed (torchvision is imported only then: it costs a second of
+    start-up; a failed download is said, and removes root if the attempt created it)."""
+    missing = lambda: [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing() and download:
+        existed = os.path.exists(root)
+        try:
+            import torchvision
+            getattr(torchvision.datasets, dataset)(root, download=True)
+        except Exception as e:
+            log(f"advex: {dataset} download failed ({why(e)})")
+            if not existed:
+                shutil.rmtree(root, ignore_errors=True)
+    if missing():
+        raise AdvexError(f"{dataset.replace('CIFAR10', 'CIFAR-10')} not found: {folder}/ lacks {', '.join(missing())} "
+                         f"(see README, 'Data')")
 
 
 def load_cifar10(root, download=True, warn=True):
@@ -2247,12 +2234,7 @@ def load_cifar10(root, download=True, warn=True):
     and as many labels in 0..9. Returns uint8 (50000,3,32,32), int64 (50000,), uint8 (10000,3,32,32),
     int64 (10000,) on the CPU."""
     folder = os.path.join(root, "cifar-10-batches-py")
-    missing = lambda: [n for n in CIFAR_FILES if not os.path.isfile(os.path.join(folder, n))]
-    if missing() and download:
-        _download("CIFAR10", root)
-    if missing():
-        raise AdvexError(f"CIFAR-10 not found: {folder}/ lacks {', '.join(missing())} "
-                         f"(needs data_batch_1..5 and test_batch; see README, 'Data')")
+    need_files("CIFAR10", root, folder, CIFAR_FILES, download)
     if warn and any(hashlib.md5(open(os.path.join(folder, n), "rb").read()).hexdigest() != md5
                     for n, md5 in CIFAR_FILES.items()):
         log(f"advex: warning: CIFAR-10 in {folder} differs from the official md5 sums (a re-encoded copy?); using it")
@@ -2301,11 +2283,7 @@ def load_mnist(root, fashion=False, download=True):
     int64 (10000,)."""
     name = "FashionMNIST" if fashion else "MNIST"
     raw = os.path.join(root, name, "raw")
-    missing = lambda: [f for f in MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
-    if missing() and download:
-        _download(name, root)
-    if missing():
-        raise AdvexError(f"{name} not found: {raw}/ lacks {', '.join(missing())}")
+    need_files(name, root, raw, MNIST_FILES, download)
     out = []
     for split in ("train", "t10k"):
         x = read_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), 3)
@@ -2519,11 +2497,9 @@ def _field_help():
 
 
 def _bool(s):
-    if str(s).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(s).lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    if str(s).lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    return str(s).lower() in ("1", "true", "yes", "on")
 
 
 def _number(s):
@@ -2552,15 +2528,9 @@ def parse_args(argv):
                                  isinstance(f.default[0], float) else None)
         shown = f" [{', '.join(allowed) if isinstance(allowed, tuple) else allowed}]" if isinstance(allowed, (str, tuple)) else ""
         text = f"{helps.get(name, '')}{shown} (default: {f.default!r})".replace("%", "%%") if name in reads else argparse.SUPPRESS
-        element = type(f.default[0]) if f.type is tuple else f.type
-        typ = {bool: _bool, int: int, float: _number, str: str}[element]
-        if f.type is tuple:
-            p.add_argument(flag, dest=name, default=None, help=text,
-                           type=lambda s, t=typ: tuple(t(v) for v in s.split(",") if v.strip()))
-        elif f.type is bool:
-            p.add_argument(flag, dest=name, type=_bool, nargs="?", const=True, default=None, help=text)
-        else:
-            p.add_argument(flag, dest=name, type=typ, default=None, help=text)
+        typ = {bool: _bool, int: int, float: _number, str: str}[type(f.default[0]) if f.type is tuple else f.type]
+        typ = (lambda s, t=typ: tuple(t(v) for v in s.split(",") if v.strip())) if f.type is tuple else typ
+        p.add_argument(flag, dest=name, type=typ, default=None, help=text, **(dict(nargs="?", const=True) if f.type is bool else {}))
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     experiment = given.pop("experiment")
     unused = [k for k in given if k not in reads]
@@ -2638,10 +2608,9 @@ def warn_if_slow(cfg, dev, experiment):
     if cfg.scale != "full" or dev.type != "cpu" or experiment in ("report", "mnist-fashion", "linear-features"):
         return
     model, x = make_model(cfg.arch, cfg.width), torch.rand(32, 3, 32, 32)
-    for _ in range(2):  # the second step is the one timed
+    for _ in range(2):  # the second step is the one timed (main() counts the FLOPs)
         t0, f0 = time.time(), FLOPS[0]
-        with flops_counted():
-            F.cross_entropy(model(x), torch.zeros(32, dtype=torch.long)).backward()
+        F.cross_entropy(model(x), torch.zeros(32, dtype=torch.long)).backward()
     rate, first = (FLOPS[0] - f0) / (time.time() - t0), (FLOPS[0] - f0) / 32 * 50000 * cfg.epochs
     log(f"advex: warning: full size on a CPU. Its first model alone ({cfg.epochs} epochs of 50,000 images, {cfg.arch}) is "
         f"{first / 1e15:.2f} PFLOP of counted work: ~{fmt_time(first / rate)} at the {rate / 1e9:.0f} GFLOP/s measured here; "

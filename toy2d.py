@@ -214,7 +214,7 @@ def figure(r, i, eps, path, size=300):
                                           ("class 1 (points) / its region (background)", colour[1])])
     advex.legend(d, 2 * (size + 7), top + size + 34, [("(d) green ring: model 2 right", (0, 150, 0)),
                                                       ("(d) red cross: model 2 wrong", (200, 0, 0))])
-    advex.save_png(out, path)
+    advex.save_atomic(out, path)
     return out.size
 
 
