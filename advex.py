@@ -1924,14 +1924,14 @@ def stage_table(stages, wall=None):
     covered = sum(r["seconds"] for r in rows.values())
     total = max(wall or 0.0, covered) or 1e-9
     lines = ["| stage | device | seconds | share | TFLOP | TFLOP/s |", "|---|---|---|---|---|---|"]
+    share = lambda s: (f"{s:.1f}", f"{100 * s / total:.1f}%")  # seconds, share of the total
     for (name, loaded), r in rows.items():
         name = f"{name}: read from disk" + (f" x{r['n']}" if r["n"] > 1 else "") if loaded else name
-        lines.append(f"| {name} | {r.get('device', '')} | {r['seconds']:.1f} | {100 * r['seconds'] / total:.1f}% | "
-                     f"{r['tflop']:.2f} | {r['tflop'] / max(r['seconds'], 1e-9):.2f} |")
+        lines.append(md_row(name, r.get("device", ""), *share(r["seconds"]), f"{r['tflop']:.2f}",
+                            f"{r['tflop'] / max(r['seconds'], 1e-9):.2f}"))
     if wall:
-        lines.append(f"| other: start-up, data loading, small steps | | {total - covered:.1f} | "
-                     f"{100 * (total - covered) / total:.1f}% | | |")
-    lines.append(f"| total | | {total:.1f} | 100% | {sum(r['tflop'] for r in rows.values()):.2f} | |")
+        lines.append(md_row("other: start-up, data loading, small steps", "", *share(total - covered), "", ""))
+    lines.append(md_row("total", "", *share(total), f"{sum(r['tflop'] for r in rows.values()):.2f}", ""))
     return "\n".join(lines) + "\n"
 
 
