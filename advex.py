@@ -672,7 +672,7 @@ def robust_accuracy(model, x, y, eps, steps, step=None, restarts=1, norm="l2", b
     fooled = torch.zeros(len(x), dtype=torch.bool, device=y.device)
     for r in range(restarts):
         fooled |= pgd(model, x, y, eps, steps, norm, step, random_start=r > 0, batch=batch, name=name)[1]
-    return 100 * (1 - fooled.float().mean().item())
+    return pct(~fooled)
 
 
 def linear_weights(model, shape):
@@ -727,7 +727,7 @@ def evaluate(cfg, model, x, y):
         values = {"standard acc": accuracy(model, x, y, cfg.attack_batch)}
         for metric, a in attacks.items():
             values[metric] = robust_accuracy(model, x, y, a["eps"], a["steps"], a["step"], a["restarts"],
-                                                   batch=cfg.attack_batch, name=f"eval {model.name}: {metric}")
+                                             batch=cfg.attack_batch, name=f"eval {model.name}: {metric}")
         return values
 
     values = stage(cfg, "eval", run, dict(attacks=attacks), inputs=(x, y), models=(model,), title=f"eval {model.name}")
@@ -900,7 +900,7 @@ def construction_records(cfg, name, ds):
     other = y != ds["true"]
     return [record(cfg, name, "fooling rate (t != y)", pct((pred == y)[other]),
                    eps=cfg.rel_eps, steps=cfg.rel_steps, step=cfg.rel_step),
-            record(cfg, name, "share with t = y", 100 * (1 - other.float().mean().item()))]
+            record(cfg, name, "share with t = y", pct(~other))]
 
 
 def exp_constructed(cfg, dev, name):
@@ -957,7 +957,7 @@ def exp_transfer(cfg, dev):
                                    cfg.transfer_width or cfg.width)
         attacked = source if arch == cfg.transfer_source else \
             train_model(acfg, dev, "standard", data[0], data[1], recipe(acfg))
-        transfer = pct(predict(attacked, xa, cfg.attack_batch) == t)
+        transfer = accuracy(attacked, xa, t, cfg.attack_batch)
         acc = accuracy(constructed_model(acfg, dev, "d_det", ds), data[2], data[3], cfg.attack_batch)
         paper = lambda m: PAPER.get(("transfer", m, arch)) if cfg.transfer_source == "resnet50" else None
         recs += [record(cfg, "transfer", "D_det-trained test acc", acc, paper("D_det-trained test acc"), arch,
@@ -984,7 +984,7 @@ def exp_mislabeled(cfg, dev):
     student = train_model(cfg, dev, "mislabeled-student", xk, yk, recipe(cfg, epochs=cfg.mis_epochs))
     e = "mislabeled"
     return [record(cfg, e, "teacher epochs trained", teacher.epochs_done, stop_acc=cfg.mis_teacher_acc),
-            record(cfg, e, "teacher train acc", 100 * (1 - keep.float().mean().item())),
+            record(cfg, e, "teacher train acc", pct(~keep)),
             record(cfg, e, "teacher test acc", accuracy(teacher, xte, yte, cfg.attack_batch)),
             record(cfg, e, "kept (wrong) images", len(xk), 18768 if len(x) == 50000 else None, of=len(x)),
             record(cfg, e, "student test acc", accuracy(student, xte, yte, cfg.attack_batch), epochs=cfg.mis_epochs)]
@@ -1058,9 +1058,9 @@ def exp_bugs(cfg, dev):
             xa = ds["images"].to(dev)
             model = train_model(cfg, dev, f"{name}-model", xa, ds["labels"].to(dev), recipe(cfg, augment=False))
             e = f"bugs {norm} {method}"
-            recs += [record(cfg, e, "attack success on target", pct(predict(target, xa, cfg.attack_batch) == t),
+            recs += [record(cfg, e, "attack success on target", accuracy(target, xa, t, cfg.attack_batch),
                             norm=norm, eps=round(eps, 5), steps=10, step=round(step, 5), k=len(ensemble)),
-                     record(cfg, e, "transfer to fresh model", pct(predict(fresh, xa, cfg.attack_batch) == t)),
+                     record(cfg, e, "transfer to fresh model", accuracy(fresh, xa, t, cfg.attack_batch)),
                      record(cfg, e, "trained-on: test acc, true labels", accuracy(model, xte, yte, cfg.attack_batch)),
                      record(cfg, e, "trained-on: test acc, shifted labels",
                             accuracy(model, xte, (yte + 1) % 10, cfg.attack_batch))]
@@ -1132,9 +1132,9 @@ def exp_leakage(cfg, dev):
     """Goh, "Robust Feature Leakage": the 10 linear features of a robust linear classifier (L2 adversarial training)
     carry information into D_rand but not into D_det: a linear model on those features trained on D_rand is well
     above chance on the real test set, on D_det not (his numbers, and his deep model's on D_rand: PAPER). His
-    features meet two specifications, both exact for a linear model: Spec 1, each feature is robustly useful for some class within
-    L2 0.25 (linear_robust_usefulness); Spec 2, the classifier is stable (>= 80% of test predictions certified
-    unchanged within L2 0.25)."""
+    features meet two specifications, both exact for a linear model: Spec 1, each feature is robustly useful for
+    some class within L2 0.25 (linear_robust_usefulness); Spec 2, the classifier is stable (>= 80% of test
+    predictions certified unchanged within L2 0.25)."""
     cfg, data = cifar(cfg, dev)
     x, y, xte, yte = data
     lin = train_model(cfg, dev, "leakage-linear", x, y, recipe(
@@ -1155,13 +1155,13 @@ def exp_leakage(cfg, dev):
             record(cfg, e, "test images", len(yte))]
     seed_all(cfg.seed, "leakage-head")
     head = fit_linear(feats(x), y)
-    recs.append(record(cfg, e, "linear on features, trained on D", pct(head(feats(xte)).argmax(1) == yte),
-                       arch="linear"))
+    f_test = feats(xte)
+    recs.append(record(cfg, e, "linear on features, trained on D", pct(head(f_test).argmax(1) == yte), arch="linear"))
     for name in ("d_rand", "d_det"):
         ds = construct(cfg, dev, data, name)
         seed_all(cfg.seed, f"leakage-head-{name}")
         head = fit_linear(feats(ds["images"].to(dev)), ds["labels"].to(dev))
-        acc = pct(head(feats(xte)).argmax(1) == yte)
+        acc = pct(head(f_test).argmax(1) == yte)
         recs += [record(cfg, e, f"linear on features, trained on {name}", acc, arch="linear"),
                  record(cfg, e, f"deep model trained on {name}: test acc",
                         accuracy(constructed_model(cfg, dev, name, ds), xte, yte, cfg.attack_batch))]
@@ -1264,7 +1264,7 @@ def exp_frequency(cfg, dev):
         PAPER): accuracy and accuracy retained (corrupted / clean; the two models' clean accuracies differ)."""
     cfg, data = cifar(cfg, dev)
     x, y, xte, yte = data
-    e, recs = "frequency", []
+    e, recs, xf = "frequency", [], to_float(xte)
     filters = {"high-pass": dict(lo=cfg.freq_high, grey=0.5), "low-pass": dict(hi=cfg.freq_low, grey=0.0)}
     shown = {}
     for name, band in filters.items():
@@ -1274,7 +1274,7 @@ def exp_frequency(cfg, dev):
         recs += [record(cfg, e, f"{name}: test acc (filtered test set)", accuracy(model, f(xte), yte, cfg.attack_batch),
                         keep=f"max|k| >= {cfg.freq_high}" if name == "high-pass" else f"max|k| <= {cfg.freq_low}"),
                  record(cfg, e, f"{name}: share of non-DC energy kept (%)",
-                        100 * energy_share(to_float(xte), band.get("lo", 0), band.get("hi", math.inf)))]
+                        100 * energy_share(xf, band.get("lo", 0), band.get("hi", math.inf)))]
     std, rob = standard_model(cfg, dev, data), robust_model(cfg, dev, data)
     n = min(cfg.freq_images, len(xte))
     r = freq_radius(32, 32).roll((16, 16), (0, 1))  # max(|kx|, |ky|) of each heat-map cell (DC at the centre)
@@ -1294,11 +1294,11 @@ def exp_frequency(cfg, dev):
             accs = []
             for severity in range(1, 6):
                 seed_all(cfg.seed, f"{corruption}{severity}")  # the same corrupted images for both models
-                accs.append(accuracy(model, corrupt(to_float(xte), corruption, severity), yte, cfg.attack_batch))
+                accs.append(accuracy(model, corrupt(xf, corruption, severity), yte, cfg.attack_batch))
                 recs.append(rec(f"{kind} model: {corruption} severity {severity} acc", accs[-1]))
             recs += [rec(f"{kind} model: {corruption} acc, mean over severities", sum(accs) / 5),
                      rec(f"{kind} model: {corruption} accuracy retained (%)", 100 * sum(accs) / 5 / max(clean, 1e-9))]
-    figure_frequency(cfg, maps, to_float(xte[:10]), yte[:10], shown)
+    figure_frequency(cfg, maps, xf[:10], yte[:10], shown)
     return recs
 
 
@@ -1357,7 +1357,8 @@ def exp_linear_features(cfg, dev):
                      directions=int(below.sum())),
                  rec(f"{what}: usefulness on test images", u_out.item()), rec(f"{what}: robustness", r_in.item())]
     recs += [rec("ensemble: directions", int(below.sum()), threshold=cfg.lin_robustness),
-             rec(f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)", ens["ensemble"][1] - cfg.lin_eps / ens["ensemble"][0])]
+             rec(f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)",
+                 ens["ensemble"][1] - cfg.lin_eps / ens["ensemble"][0])]
     alpha = torch.logspace(0, -9, 200, dtype=torch.float64, device=dev)[:, None]
     a_r, a_nr = eigs[int(useful.argmax())], eigs[-1]  # the most useful direction; the least robust one
     path = linear_feature_stats((1 - alpha) * a_nr + alpha * a_r, x, y, cov)
