@@ -20,8 +20,8 @@ Conventions, everywhere in this file:
   * images live in [0,1] pixel space, (B, C, H, W); each model normalises inside itself, so every eps is in pixel
     units: an L2 radius over all C*H*W values, or an Linf bound (8/255 = 0.0314).
   * g(x) = model.features(x), the penultimate representation (B, D); logits = model.head(g(x)).
-  * attacks keep x and delta in fp32; on CUDA only the model's forward pass runs under bf16 autocast, and
-    representation inversion runs without it (fp32; TF32 convolutions on CUDA).
+  * attacks keep x and delta in fp32; only the model's forward pass runs in bf16 (autocast), on CUDA and on CPUs with
+    AMX (--precision fp32: never). The inversion through the standard source runs in fp32 (TF32 convolutions on CUDA).
   * every stage's output (checkpoint, dataset, evaluation) is stored under a key made of its settings, the
     fingerprints of the tensors and models it was made from, the seed and this file's text: a changed procedure or
     input never reuses an old artifact, and an interrupted run resumes.
@@ -76,6 +76,7 @@ class Config:
     out: str = "runs"             # results.json, results.md, PNG figures, artifacts/ (checkpoints, datasets, evaluations)
     download: bool = True         # try torchvision's download when dataset files are missing
     device: str = knob("auto", re.compile(r"auto|cpu|cuda(:\d+)?"))  # auto (cuda when there is one) | cpu | cuda | cuda:N
+    precision: str = knob("auto", ("auto", "fp32"))  # auto: models run in bf16 on CUDA and on CPUs with AMX, fp32 elsewhere | fp32: everywhere
     compile: bool = False         # CUDA only: torch.compile each model's body (eager if that fails)
     attack_batch: int = 4096      # images per attack, inversion and evaluation chunk (lower it when memory is short)
     seed: int = knob(0, ">=0")    # the first seed
@@ -83,11 +84,21 @@ class Config:
     scale: str = knob("full", ("full", "cpu", "quick"))  # full: one GPU | cpu: laptop scale (SCALES) | quick: seconds, for tests
     since: float = knob(0.0, ">=0")  # report: time only the stages run after this Unix time (run_all.sh passes its start)
     # the paper's own source models (MadryLab's release; README, "Start from the paper's models")
-    standard_from: str = knob("", "file")  # ResNet-50 checkpoint used as the standard model (MadryLab's cifar_nat.pt)
+    standard_from: str = knob("", "file")  # checkpoint used as the standard model (MadryLab's ResNet-50 cifar_nat.pt)
     robust_from: str = knob("", "file")    # ... as the robust model (cifar_l2_0_5.pt, or RobustBench's Engstrom2019Robustness)
-    # models and training (the paper trains a ResNet-50 for 150 epochs; the fast net gets close in ~10)
-    arch: str = knob("fastnet", ARCHS)  # CIFAR-10 model
+    # the standard source: Ilyas et al.'s standard model, whose D_NR, D_rand and D_det Sec. 3 is about, of the paper's
+    # kind: accurate and NOT robust. Its recipe (README, "The standard source"): a plain network (ReLU, average pooling,
+    # no logit scale), the standard recipe below with plain cross-entropy, trained long (robustness kept falling with
+    # epochs long after accuracy stopped rising). The paper's: a ResNet-50, 150 epochs.
+    std_arch: str = knob("resnet18", ARCHS)  # its architecture (also Fig. 3's source)
+    std_epochs: int = 40          # its epochs of standard training
+    std_augment: str = knob("crop+flip", ("crop+flip", "flip", "none"))  # its augmentation (laptop scale: flips only)
+    # every other model (the paper trains a ResNet-50 for 150 epochs; the fast net gets close in ~10)
+    arch: str = knob("fastnet", ARCHS)  # CIFAR-10 model: the robust source, the models trained on constructed sets, ...
     width: int = knob(64, ">=2")  # base channel width (fastnet: w, 4w, 4w; resnets and vgg16: w..8w)
+    fastnet_act: str = knob("relu", ("relu", "gelu"))  # fastnet: activation (airbench: gelu)
+    fastnet_pool: str = knob("avg", ("avg", "max"))  # fastnet: global pooling after the last block (airbench: max)
+    fastnet_scale: float = 1.0    # fastnet: g(x) times this (airbench: 1/8, small early logits)
     n_train: int = knob(0, ">=0")  # use the first n training images (0 = all)
     n_test: int = knob(0, ">=0")  # evaluate on the first n test images (0 = all)
     epochs: int = 10              # epochs of standard training
@@ -118,6 +129,7 @@ class Config:
     dataset: str = ""             # train-on: folder with CIFAR_ims and CIFAR_lab (MadryLab's released layout)
     export: str = ""              # also write each constructed dataset to EXPORT/NAME/{CIFAR_ims,CIFAR_lab} (float32)
     # Wallace's response: learning from a model's wrong labels
+    mis_arch: str = knob("resnet18", ARCHS)  # mislabeled: the teacher's and the student's architecture (Wallace's)
     mis_teacher_epochs: int = 2   # mislabeled: the weak teacher's schedule, in epochs (response: ResNet-18, 2 epochs)
     mis_teacher_acc: float = knob(62.5, "(0,100]")  # mislabeled: ...and it stops once its training accuracy reaches this (%)
     mis_epochs: int = 50          # mislabeled: epochs of the student trained on the teacher's errors only
@@ -126,14 +138,14 @@ class Config:
     mnist_lr: float = 0.05        # mnist-fashion: peak learning rate (same one-cycle schedule)
     # Nakkiran's response; Goh's robust feature leakage; Ilyas Fig. 3
     bugs_k: int = 5               # bugs: ensemble size (Nakkiran: 10); costs K trainings and K+1 passes per attack step
+    squares_arch: str = knob("resnet18", ARCHS)  # squares: the memorising network's architecture (Nakkiran's)
     squares_n: int = 10000        # squares: training images (the test set is a tenth of it)
     squares_epochs: int = 20      # squares: epochs of the network that memorises the noisy labels (Adam, batch 128)
     squares_lr: float = 1e-5      # squares: Adam's constant learning rate (Nakkiran: 1e-5)
     leak_eps: float = knob(1.0, ">=0")  # leakage: L2 radius of its adversarial training (0.5 left Spec 2 unmet: README)
     leak_epochs: int = 10         # leakage: epochs of that linear classifier
     leak_lr: float = 0.002        # leakage: its peak lr (a linear model on 3072 correlated pixels diverges at 0.2)
-    transfer_source: str = knob("fastnet", ARCHS)  # transfer: architecture whose D_det and examples are used (paper: resnet50)
-    transfer_archs: tuple = knob(("fastnet", "resnet18", "vgg16"), ARCHS)  # transfer: architectures, the source among them
+    transfer_archs: tuple = knob(("fastnet", "resnet18", "vgg16"), ARCHS)  # transfer: architectures, --std-arch among them
     transfer_width: int = knob(0, "0 or >=2")  # transfer: base width of the architectures other than the source (0 = --width)
     # Gilmer & Hendrycks: frequency
     freq_high: int = knob(8, "1..16")  # frequency: the high-pass filter keeps the 2D frequencies with max(|kx|,|ky|) >= this
@@ -145,6 +157,7 @@ class Config:
     lin_robustness: float = knob(0.0037, "(0,1]")  # linear-features: ensemble of the directions below this x the top robustness
     #                               (Goh's threshold, e^-9.115, was e^-5.6 = 0.0037 of his most robust direction's)
     lin_size: int = knob(32, "1..32")  # linear-features: image side after area downsampling (32: all 3072 values; quick: 8)
+    lin_null: int = 1000          # linear-features: shuffles of the training labels in the ensemble's permutation null
     # Nakano: robust style transfer
     style_eps: tuple = (0.25, 0.5)  # style: L2 radii of the layer robustness R(f), pixel units
     style_steps: int = 20         # style: PGD steps of R(f)'s inner max
@@ -159,14 +172,14 @@ class Config:
 # cpu: chosen by measurement on a 2-core CPU (README, "Laptop scale"). quick: every experiment in seconds (the tests).
 SCALES = {
     "full": {},
-    "cpu": dict(n_train=10000, n_test=2000, width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,
+    "cpu": dict(n_train=10000, n_test=2000, std_arch="fastnet", std_epochs=30, std_augment="flip", width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,
                 eval_steps=10, attack_batch=256, inv_steps=30, rel_eps=1.0, rel_steps=20, rel_step=0.125,
                 con_epochs=25, mis_teacher_epochs=8, mis_epochs=20, mnist_epochs=10, bugs_k=3, squares_n=2000,
                 squares_lr=3e-4, transfer_width=8, freq_images=200, style_images=200, style_steps=10, style_iters=150),
-    "quick": dict(n_train=200, n_test=100, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
+    "quick": dict(n_train=200, n_test=100, std_arch="fastnet", std_epochs=2, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
                   attack_batch=64, inv_steps=5, rel_steps=5, con_epochs=2, mis_teacher_epochs=1, mis_epochs=2,
                   mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2,
-                  freq_images=4, lin_size=8, lin_robustness=0.5, style_images=8, style_steps=2, style_size=32, style_iters=3),
+                  freq_images=4, lin_size=8, lin_robustness=0.5, lin_null=50, style_images=8, style_steps=2, style_size=32, style_iters=3),
 }
 
 
@@ -191,11 +204,11 @@ def to_float(x):
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
-def augment_batch(x, pad=4):
-    """Random crop with `pad`-pixel zero padding and a random horizontal flip, per image, on x's device.
-    x: (B, C, H, W) float -> (B, C, H, W). One gather instead of a Python loop over images."""
+def augment_batch(x, pad=4, fill=0.0):
+    """Random crop with `pad`-pixel padding of value `fill` (CIFAR's convention: 0) and a random horizontal flip, per
+    image, on x's device. x: (B, C, H, W) float -> (B, C, H, W). One gather instead of a Python loop over images."""
     B, C, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
+    xp = F.pad(x, (pad, pad, pad, pad), value=fill)
     rows = torch.randint(0, 2 * pad + 1, (B, 1, 1), device=x.device) + torch.arange(H, device=x.device).view(1, H, 1)
     cols = torch.arange(W, device=x.device).view(1, 1, W)
     cols = torch.where(torch.rand(B, 1, 1, device=x.device) < 0.5, W - 1 - cols, cols)  # flip
@@ -225,6 +238,8 @@ class Net(nn.Module):
             self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def normalize(self, x):
+        if not x.is_floating_point():  # uint8 pixels would be read as values in [0,255] and give garbage logits
+            raise AdvexError(f"{type(self).__name__} takes float images in [0,1], not {x.dtype} (advex.to_float converts uint8)")
         return (x - self.mean) / self.std
 
     def forward(self, x):
@@ -237,23 +252,26 @@ def conv_bn(cin, cout, act=nn.GELU, stride=1):
 
 class FastNet(Net):
     """~2M-parameter CIFAR net in the spirit of airbench (Jordan 2024): a conv stem, then three blocks of
-    conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (widths w, 4w, 4w), global max-pool."""
+    conv -> 2x2 max-pool -> BN -> act -> conv -> BN -> act (widths w, 4w, 4w), a global pool, g scaled by `scale`.
+    airbench's choices (GELU, global max-pool, scale 1/8: small early logits for large learning rates) each make a
+    standard model more robust than the paper's (README, "The standard source"); act / pool / scale choose."""
     stage_ends = (0, 5, 10, 15)
 
-    def __init__(self, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD):
+    def __init__(self, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, act="gelu", pool="max", scale=0.125):
         super().__init__(mean, std)
-        layers, cin = [conv_bn(3, width // 2)], width // 2
+        act = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
+        layers, cin = [conv_bn(3, width // 2, act)], width // 2
         for c in (width, 4 * width, 4 * width):
-            layers += [nn.Conv2d(cin, c, 3, 1, 1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c), nn.GELU(),
-                       conv_bn(c, c)]
+            layers += [nn.Conv2d(cin, c, 3, 1, 1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c), act(),
+                       conv_bn(c, c, act)]
             cin = c
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(cin, classes, bias=False)
+        self.pool, self.scale = pool, scale
 
     def features(self, x):  # (B,3,32,32) -> (B,4w)
-        # The 1/8 scale keeps early logits small, which fast schedules with large learning rates need
-        # (airbench and Page's ResNet-9 scale their logits the same way); it does not change g's geometry.
-        return self.body(self.normalize(x)).amax(dim=(2, 3)) / 8
+        h = self.body(self.normalize(x))  # (B,4w,4,4)
+        return (h.amax(dim=(2, 3)) if self.pool == "max" else h.mean(dim=(2, 3))) * self.scale
 
 
 class Block(nn.Module):
@@ -340,10 +358,11 @@ class LinearNet(Net):
         return self.normalize(x).flatten(1)
 
 
-def make_model(arch, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD):
-    """A fresh model by name (CIFAR-sized: 32x32x3 inputs in [0,1], unless mean/std say otherwise)."""
+def make_model(arch, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, design=None):
+    """A fresh model by name (CIFAR-sized: 32x32x3 inputs in [0,1], unless mean/std say otherwise); design: FastNet's
+    act / pool / scale (default: airbench's)."""
     if arch == "fastnet":
-        return FastNet(width, classes, mean, std)
+        return FastNet(width, classes, mean, std, **(design or {}))
     if arch in ("resnet18", "resnet50"):
         return ResNet([2, 2, 2, 2] if arch == "resnet18" else [3, 4, 6, 3], arch == "resnet50", width, classes, mean, std)
     if arch == "vgg16":
@@ -367,9 +386,32 @@ def stages(model, x, upto=None):
     return out
 
 
+def cpu_has_amx():
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later) and oneDNN may use them (ONEDNN_MAX_CPU_ISA
+    unset or an AMX level). Only there do bf16 convolutions pay on a CPU: measured 1.6x (FastNet-16) to 2.6x
+    (ResNet-18) faster than fp32 per training step; with AVX-512-BF16 alone, or emulated, bf16 was slower than fp32."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() and (isa == "ALL" or "AMX" in isa)
+
+
+BF16 = {"cuda": True, "cpu": False}  # device types whose forward passes run in bf16; main() sets the CPU's (--precision)
+
+
+@contextlib.contextmanager
+def bf16_on(device_type, on):
+    """BF16[device_type] = on while inside (main(): --precision), then as it was."""
+    was = BF16.get(device_type, False)
+    BF16[device_type] = on
+    try:
+        yield
+    finally:
+        BF16[device_type] = was
+
+
 def autocast(device, enabled=True):
-    """bf16 autocast for a model's forward pass on CUDA; a no-op on the CPU (fp32 there) or when not enabled."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    """bf16 autocast for a model's forward pass on a device type that BF16 allows (CUDA; a CPU with AMX), else a
+    no-op (fp32). Images, perturbations and losses stay fp32: only the model runs in bf16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and BF16.get(device.type, False))
 
 
 @torch.no_grad()
@@ -393,8 +435,8 @@ def predict(model, x, batch=4096):
 
 
 def pct(mask):
-    """The share of True in a boolean tensor, in %."""
-    return 100 * mask.float().mean().item()
+    """The share of True in a boolean tensor, in %, exact (7 of 50: 14.0; no elements: nan)."""
+    return 100 * mask.sum().item() / mask.numel() if mask.numel() else math.nan
 
 
 def accuracy(model, x, y, batch=4096):
@@ -537,12 +579,13 @@ def features(model, x, batch=4096):
     return over_set(model, lambda xb: model.features(xb).float(), x, batch, amp=False)
 
 
-def invert(model, x, x0, steps, step, method="fast", batch=4096, name=""):
+def invert(model, x, x0, steps, step, method="fast", batch=4096, name="", amp=False):
     """Ilyas et al. Sec. 3.1: for each target x, find z in [0,1]^d whose representation matches x's,
     z = argmin ||g(z) - g(x)||_2, starting from x0, with no eps-ball, only the [0,1] clamp. This is PGD with an
     infinite radius on the loss -||g(z) - g(x)||^2 (the square has the same descent direction), keeping each
-    example's best iterate, so the result is never worse than x0. No bf16 autocast: its ~0.4% error would blur
-    the small distances this drives to.
+    example's best iterate, so the result is never worse than x0. The target g(x) and the distance returned are fp32;
+    amp runs the steps' forward passes under bf16 autocast, which pays only where its ~0.4% rounding does not blur
+    the small distances this drives to (README, "Inversion in 150 steps": a robust source, not a standard one).
       method 'paper': `steps` L2-normalised gradient steps of length `step` (the paper: 1000 of 0.1).
       method 'fast': Polyak step lengths, min(step, 0.5 * f / ||grad f||) with f = ||g(z) - g(x)||^2, along a
         heavy-ball momentum (0.8) of normalised gradients: 150 steps match g(x) more closely than the paper's
@@ -552,7 +595,7 @@ def invert(model, x, x0, steps, step, method="fast", batch=4096, name=""):
     if method not in ("fast", "paper"):
         raise AdvexError(f"unknown inversion method {method!r}; choose fast or paper")
     gx = features(model, x, batch)  # (N, D)
-    match = make_objective(lambda z, target: (-(model.features(z).float() - target).pow(2).sum(dim=1), None), amp=False)
+    match = make_objective(lambda z, target: (-(model.features(z).float() - target).pow(2).sum(dim=1), None), amp)
     fast = method == "fast"
     z, _ = pgd(model, x0, gx, math.inf, steps, "l2", step, batch=batch, objective=match,
                momentum=0.8 if fast else 0.0, polyak=0.5 if fast else 0.0, name=name)
@@ -598,7 +641,7 @@ def keep_wrong(model, x, y, batch=4096):
 # =====================================================================================================================
 
 def train(model, x, y, epochs, batch, lr, momentum=0.9, wd=5e-4, augment=False, adv_eps=0.0, adv_steps=7,
-          adv_step=0.1, optimizer="sgd", stop=None, name="train"):
+          adv_step=0.1, optimizer="sgd", stop=None, name="train", pad=4, pad_fill=0.0):
     """Train in place with plain cross-entropy (as the paper and MadryLab do: no label smoothing).
     x: (N, C, H, W) uint8 or float images on the training device; y: (N,) int64.
     optimizer 'sgd': Nesterov momentum, lr rising linearly to `lr` over the first 20% of the steps, then
@@ -632,7 +675,7 @@ def train(model, x, y, epochs, batch, lr, momentum=0.9, wd=5e-4, augment=False, 
             idx = perm[i * batch:(i + 1) * batch]
             xb, yb = to_float(x[idx]), y[idx]
             if augment:
-                xb = augment_batch(xb)
+                xb = augment_batch(xb, pad, pad_fill)
             if adv_eps > 0:
                 xb, _ = pgd(model, xb, yb, adv_eps, adv_steps, step=adv_step, batch=len(xb))
             with autocast(dev):
@@ -771,12 +814,17 @@ PAPER = {  # Ilyas et al. Table 1 / Fig. 2 (the standard model's 4.5% is under t
 
 def recipe(cfg, adversarial=False, **over):
     """What makes a trained model besides its data and seed: the architecture and the schedule (adversarial: Ilyas
-    App. C). Optional: optimizer ('adam'), stop_acc (%, on 2000 training images), stop_epochs, classes, norm."""
+    App. C). Optional: optimizer ('adam'), stop_acc (%, on 2000 training images), stop_epochs, classes, norm, pad (the
+    augmentation's crop padding in pixels: 4, CIFAR's; 0, flips only) and pad_fill (what it pads with: 0.5 for images
+    centred on grey)."""
     r = dict(arch=cfg.arch, width=cfg.width, batch=cfg.batch, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
              augment=cfg.augment, epochs=cfg.adv_epochs if adversarial else cfg.epochs)
     if adversarial:
         r.update(adv_eps=cfg.adv_eps, adv_steps=cfg.adv_steps, adv_step=cfg.adv_step)
-    return dict(r, **over)
+    r.update(over)
+    if r["arch"] == "fastnet":
+        r["design"] = dict(act=cfg.fastnet_act, pool=cfg.fastnet_pool, scale=cfg.fastnet_scale)
+    return r
 
 
 def train_model(cfg, dev, name, x, y, r):
@@ -791,7 +839,7 @@ def train_model(cfg, dev, name, x, y, r):
             stop = lambda e: e >= r["stop_epochs"]
         done = train(model, x, y, r["epochs"], r["batch"], r["lr"], r["momentum"], r["wd"], r["augment"],
                      r.get("adv_eps", 0.0), r.get("adv_steps", 0), r.get("adv_step", 0.0), r.get("optimizer", "sgd"),
-                     stop, name)
+                     stop, name, r.get("pad", 4), r.get("pad_fill", 0.0))
         return checkpoint(model, r, done)
 
     title = f"{name} ({r['arch']})"
@@ -802,10 +850,21 @@ def train_model(cfg, dev, name, x, y, r):
 
 
 def standard_model(cfg, dev, data):
-    """Ilyas et al.'s standard model: trained on D (or --standard-from: the paper's own, MadryLab's cifar_nat.pt)."""
+    """Ilyas et al.'s standard model, the standard source: --std-arch trained on D for --std-epochs with the standard
+    recipe (or --standard-from: the paper's own, MadryLab's cifar_nat.pt)."""
     if cfg.standard_from:
         return external_model(cfg.standard_from, "standard", dev)
-    return train_model(cfg, dev, "standard", data[0], data[1], recipe(cfg))
+    return train_model(cfg, dev, "standard", data[0], data[1], recipe(
+        cfg, arch=cfg.std_arch, epochs=cfg.std_epochs, augment=cfg.std_augment != "none", pad=4 * (cfg.std_augment == "crop+flip")))
+
+
+def natural_model(cfg, dev, data):
+    """A standard model of the robust model's kind: --arch with the standard recipe (--epochs). Where a standard and a
+    robust model are compared as such (Gilmer & Hendrycks', Nakano's "natural vs adversarially trained"), and for
+    Nakkiran, whose target and ensemble are alike. With --standard-from, that file (the twin of MadryLab's robust one)."""
+    if cfg.standard_from:
+        return external_model(cfg.standard_from, "standard", dev)
+    return train_model(cfg, dev, "natural", data[0], data[1], recipe(cfg))
 
 
 def robust_model(cfg, dev, data):
@@ -816,7 +875,9 @@ def robust_model(cfg, dev, data):
 
 
 def eval_records(cfg, experiment, model, data, **extra):
-    return [record(cfg, experiment, m, v, arch=model.key.get("arch"), **s, **extra)
+    """evaluate()'s numbers as records; a model read from --standard-from / --robust-from names its file."""
+    source = {"source": os.path.basename(model.file)} if "file" in model.key else {}
+    return [record(cfg, experiment, m, v, arch=model.key.get("arch"), **s, **extra, **source)
             for m, v, s in evaluate(cfg, model, data[2], data[3])]
 
 
@@ -832,14 +893,51 @@ def exp_robust(cfg, dev):
     return eval_records(cfg, "robust", robust_model(cfg, dev, data), data)
 
 
+AIRBENCH, PLAIN = dict(fastnet_act="gelu", fastnet_pool="max", fastnet_scale=0.125), \
+    dict(fastnet_act="relu", fastnet_pool="avg", fastnet_scale=1.0)
+# What makes a standard model robust (README, "The standard source"): each variant sets these Config fields of the
+# standard source; its epochs are multiples of --epochs, every other model's.
+ABLATION = {
+    "fastnet airbench (gelu, max pool, scale 1/8)": dict(AIRBENCH),
+    "fastnet airbench, relu": dict(AIRBENCH, fastnet_act="relu"),
+    "fastnet airbench, avg pool": dict(AIRBENCH, fastnet_pool="avg"),
+    "fastnet airbench, scale 1": dict(AIRBENCH, fastnet_scale=1.0),
+    "fastnet plain (relu, avg pool, scale 1)": dict(PLAIN),
+    "fastnet airbench, 2x epochs": dict(AIRBENCH, epochs_x=2),
+    "fastnet plain, 2x epochs": dict(PLAIN, epochs_x=2),
+    "fastnet plain, 4x epochs": dict(PLAIN, epochs_x=4),
+    "fastnet plain, 2x epochs, flips only": dict(PLAIN, epochs_x=2, std_augment="flip"),
+    "fastnet plain, 4x epochs, flips only": dict(PLAIN, epochs_x=4, std_augment="flip"),
+    "fastnet plain, 2x epochs, no augmentation": dict(PLAIN, epochs_x=2, std_augment="none"),
+    "fastnet plain, 4x epochs, no augmentation": dict(PLAIN, epochs_x=4, std_augment="none"),
+    "resnet18": dict(std_arch="resnet18"),
+    "resnet18, 2x epochs": dict(std_arch="resnet18", epochs_x=2),
+}
+
+
+def exp_ablation(cfg, dev):
+    """The standard source: which of FastNet's airbench choices (GELU, global max-pool, g scaled by 1/8), how much
+    training and whether augmentation make a standard model robust, beside a ResNet-18 (the paper's kind of network).
+    For each variant of ABLATION: a standard model on D, its clean and robust test accuracy (eval_attacks)."""
+    cfg, data = cifar(cfg, dev)
+    recs = []
+    for variant, change in ABLATION.items():
+        change = dict(dict(std_arch="fastnet", std_augment="crop+flip", epochs_x=1), **change)
+        vcfg = dataclasses.replace(cfg, standard_from="", std_epochs=cfg.epochs * change.pop("epochs_x"), **change)
+        model = standard_model(vcfg, dev, data)
+        recs += [record(vcfg, "ablation", f"{variant}: {m}", v, None, model.key["arch"], epochs=vcfg.std_epochs,
+                        augment=vcfg.std_augment, width=vcfg.width, **s) for m, v, s in evaluate(vcfg, model, data[2], data[3])]
+    return recs
+
+
 # ---------------------------------------------------------------------------------------- Ilyas et al. Sec. 3
 
-def inverted_set(src, x, y, name, *, inv_method, inv_steps, inv_step, attack_batch):
+def inverted_set(src, x, y, name, *, amp, inv_method, inv_steps, inv_step, attack_batch):
     """Sec. 3.1: every training image x is replaced by an image z whose representation g(z) matches g(x), found
     from a *different*, randomly drawn training image x0, and z keeps x's label y. g of the robust model gives
     D_R, of the standard model D_NR. Also kept: each start image's index, the source's prediction on z."""
     j = random_other(len(x), x.device)
-    z, rel = invert(src, x, x[j], inv_steps, inv_step, inv_method, attack_batch, name=f"invert {name}")
+    z, rel = invert(src, x, x[j], inv_steps, inv_step, inv_method, attack_batch, name=f"invert {name}", amp=amp)
     return dict(images=z, labels=y, start=j, rel_dist=rel, src_pred=predict(src, z, attack_batch))
 
 
@@ -856,9 +954,11 @@ def relabelled_set(src, x, y, name, *, rule, rel_eps, rel_steps, rel_step, attac
 # training images and labels, its fixed arguments and the Config fields named by its keyword arguments), and how the
 # recipe of the fresh model trained on it differs from the standard one (App. C: D_rand at --rel-lr; D_det without
 # augmentation, since its labels depend on the exact perturbation). Every fresh model trains for --con-epochs.
+# Inversion in bf16 only through the robust source: measured, it matched g(x) as well as fp32 (median and p95 within
+# 2.4%) where through a standard source it did not (8% worse): README, "Inversion in 150 steps".
 CONSTRUCTIONS = {
-    "d_r": (robust_model, inverted_set, {}, lambda cfg: {}),
-    "d_nr": (standard_model, inverted_set, {}, lambda cfg: {}),
+    "d_r": (robust_model, inverted_set, {"amp": True}, lambda cfg: {}),
+    "d_nr": (standard_model, inverted_set, {"amp": False}, lambda cfg: {}),
     "d_rand": (standard_model, relabelled_set, {"rule": "rand"}, lambda cfg: {"lr": cfg.rel_lr}),
     "d_det": (standard_model, relabelled_set, {"rule": "det"}, lambda cfg: {"augment": False}),
 }
@@ -941,29 +1041,26 @@ def exp_train_on(cfg, dev):
 
 def exp_transfer(cfg, dev):
     """Ilyas Fig. 3: architectures that learn more from the source's D_det are those its adversarial examples
-    transfer to. D_det is built on the standard model of --transfer-source (the paper's: ResNet-50). For each
+    transfer to. D_det is Sec. 3's, built on the standard source (--std-arch; the paper's: ResNet-50). For each
     architecture: test accuracy after training on that D_det, and the share of D_det's targeted examples that a
     standard model of it classifies as the target. As in the paper, the source's own row is self-transfer (the
     source model itself is attacked: the paper's 100%); every other architecture's is an independently trained
-    standard model. The paper's numbers are attached only when the source is resnet50, as there."""
+    standard model (--epochs). The paper's numbers are attached only when the source is a ResNet-50, as there."""
     cfg, data = cifar(cfg, dev)
-    src_cfg = dataclasses.replace(cfg, arch=cfg.transfer_source)
-    source = standard_model(src_cfg, dev, data)
-    ds = construct(src_cfg, dev, data, "d_det", source)
+    source = standard_model(cfg, dev, data)
+    src = source.key["arch"]
+    ds = construct(cfg, dev, data, "d_det", source)
     xa, t = ds["images"].to(dev), ds["labels"].to(dev)
     recs = []
     for arch in cfg.transfer_archs:
-        acfg = dataclasses.replace(cfg, arch=arch, width=cfg.width if arch == cfg.transfer_source else
-                                   cfg.transfer_width or cfg.width)
-        attacked = source if arch == cfg.transfer_source else \
-            train_model(acfg, dev, "standard", data[0], data[1], recipe(acfg))
+        acfg = dataclasses.replace(cfg, arch=arch, width=cfg.width if arch == src else cfg.transfer_width or cfg.width)
+        attacked = source if arch == src else train_model(acfg, dev, "natural", data[0], data[1], recipe(acfg))
         transfer = accuracy(attacked, xa, t, cfg.attack_batch)
         acc = accuracy(constructed_model(acfg, dev, "d_det", ds), data[2], data[3], cfg.attack_batch)
-        paper = lambda m: PAPER.get(("transfer", m, arch)) if cfg.transfer_source == "resnet50" else None
-        recs += [record(cfg, "transfer", "D_det-trained test acc", acc, paper("D_det-trained test acc"), arch,
-                        source=cfg.transfer_source),
-                 record(cfg, "transfer", "transfer rate", transfer, paper("transfer rate"), arch,
-                        source=cfg.transfer_source, self_transfer=arch == cfg.transfer_source)]
+        paper = lambda m: PAPER.get(("transfer", m, arch)) if src == "resnet50" else None
+        recs += [record(cfg, "transfer", "D_det-trained test acc", acc, paper("D_det-trained test acc"), arch, source=src),
+                 record(cfg, "transfer", "transfer rate", transfer, paper("transfer rate"), arch, source=src,
+                        self_transfer=arch == src)]
     figure_transfer(cfg, recs)
     return recs
 
@@ -976,7 +1073,7 @@ def exp_mislabeled(cfg, dev):
     tested on the real test set (his numbers, ResNet-18 for 2 epochs: PAPER). Our teacher stops as soon as its
     accuracy on (2000) training images reaches his, --mis-teacher-acc, so it is as weak as his whatever the
     architecture and scale (at most --mis-teacher-epochs)."""
-    cfg, (x, y, xte, yte) = cifar(cfg, dev)
+    cfg, (x, y, xte, yte) = cifar(dataclasses.replace(cfg, arch=cfg.mis_arch), dev)
     teacher = train_model(cfg, dev, "mislabeled-teacher", x, y,
                           recipe(cfg, epochs=cfg.mis_teacher_epochs, stop_acc=cfg.mis_teacher_acc))
     xk, yk, keep = keep_wrong(teacher, x, y, cfg.attack_batch)
@@ -1036,7 +1133,7 @@ def exp_bugs(cfg, dev):
     shifted labels. These "bugs" carry no features that generalise; plain PGD examples do."""
     cfg, data = cifar(cfg, dev)
     x, y, xte, yte = data
-    target = standard_model(cfg, dev, data)
+    target = natural_model(cfg, dev, data)
     members = [train_model(cfg, dev, f"bugs-member{k}", x, y, recipe(cfg, member=k)) for k in range(cfg.bugs_k)]
     fresh = train_model(cfg, dev, "bugs-fresh", x, y, recipe(cfg, member="fresh"))
     t = (y + 1) % 10
@@ -1082,7 +1179,7 @@ def exp_squares(cfg, dev):
     yet a network that memorises the noisy labels (his: ResNet-18, Adam lr 1e-5, batch 128, 20 epochs, 99.9% train
     accuracy) is flipped by Linf 0.01 on almost every test point, while the same run stopped after its first epoch
     is not. The attack clamps to [-1.1, 1.1], the images' range."""
-    g = torch.Generator().manual_seed(cfg.seed)
+    cfg, g = dataclasses.replace(cfg, arch=cfg.squares_arch), torch.Generator().manual_seed(cfg.seed)
     x, y = (t.to(dev) for t in squares_data(cfg.squares_n, generator=g))
     xte, yte = (t.to(dev) for t in squares_data(max(cfg.squares_n // 10, 100), generator=g))
 
@@ -1218,6 +1315,12 @@ def fourier_heatmap(model, x, y, norm, batch):
     return err
 
 
+def band_mean(err, lo=0, hi=math.inf):
+    """The mean of a Fourier heat map (size, size; frequency 0 at [size/2, size/2]) over lo <= max(|ky|,|kx|) <= hi."""
+    r = freq_radius(*err.shape).roll((err.shape[0] // 2, err.shape[1] // 2), (0, 1))
+    return err[(r >= lo) & (r <= hi)].mean().item()
+
+
 def plasma_fractal(n, size=32, decay=3.0):
     """n diamond-square plasma fractals (n, size, size) in [0,1], size a power of two: CIFAR-10-C's fog (Hendrycks &
     Dietterich 2019). From a zero map, each level sets the centre of every square to the mean of its corners and then
@@ -1269,27 +1372,28 @@ def exp_frequency(cfg, dev):
     shown = {}
     for name, band in filters.items():
         f = lambda imgs: band_pass(to_float(imgs), band.get("lo", 0), band.get("hi", math.inf)) + band["grey"]
-        model = train_model(cfg, dev, name, f(x), y, recipe(cfg))
+        model = train_model(cfg, dev, name, f(x), y, recipe(cfg, pad_fill=band["grey"]))  # crops padded with grey
         shown[name] = f(xte[:10])
         recs += [record(cfg, e, f"{name}: test acc (filtered test set)", accuracy(model, f(xte), yte, cfg.attack_batch),
                         keep=f"max|k| >= {cfg.freq_high}" if name == "high-pass" else f"max|k| <= {cfg.freq_low}"),
                  record(cfg, e, f"{name}: share of non-DC energy kept (%)",
                         100 * energy_share(xf, band.get("lo", 0), band.get("hi", math.inf)))]
-    std, rob = standard_model(cfg, dev, data), robust_model(cfg, dev, data)
+    std, rob = natural_model(cfg, dev, data), robust_model(cfg, dev, data)
     n = min(cfg.freq_images, len(xte))
-    r = freq_radius(32, 32).roll((16, 16), (0, 1))  # max(|kx|, |ky|) of each heat-map cell (DC at the centre)
-    high, low = r >= cfg.freq_high, r <= cfg.freq_low
     maps = {}
     for kind, model in (("standard", std), ("robust", rob)):
         maps[kind] = stage(cfg, "heatmap", lambda: dict(error=fourier_heatmap(model, xte[:n], yte[:n], cfg.freq_norm, cfg.attack_batch)),
                            dict(norm=cfg.freq_norm), inputs=(xte[:n], yte[:n]), models=(model,),
                            title=f"heatmap {model.name}")["error"]
         clean, rec = accuracy(model, xte, yte, cfg.attack_batch), functools.partial(record, cfg, e, arch=model.key.get("arch"))
-        recs += [rec(f"{kind} model: heat map error, high frequencies (%)", maps[kind][high].mean().item(),
-                     band=f"max|k| >= {cfg.freq_high}", norm=cfg.freq_norm, images=n),
-                 rec(f"{kind} model: heat map error, low frequencies (%)", maps[kind][low].mean().item(),
-                     band=f"max|k| <= {cfg.freq_low}"),
-                 rec(f"{kind} model: clean test acc", clean)]
+        clean_error = 100 - accuracy(model, xte[:n], yte[:n], cfg.attack_batch)  # on the heat map's own images
+        for band, (lo, hi) in (("high", (cfg.freq_high, math.inf)), ("low", (0, cfg.freq_low))):
+            error = band_mean(maps[kind], lo, hi)
+            recs += [rec(f"{kind} model: heat map error, {band} frequencies (%)", error, images=n, norm=cfg.freq_norm,
+                         band=f"{lo} <= max|k| <= {hi}"),
+                     rec(f"{kind} model: heat map excess error, {band} frequencies", error - clean_error,
+                         clean_error=round(clean_error, 4))]
+        recs.append(rec(f"{kind} model: clean test acc", clean))
         for corruption in ("fog", "contrast", "noise"):
             accs = []
             for severity in range(1, 6):
@@ -1306,24 +1410,45 @@ def exp_frequency(cfg, dev):
 
 def linear_feature_stats(a, xc, y, cov):
     """Goh's measures of linear features f(x) = a.x / ||a||_S, a (K, D), on centred images xc (N, D) with labels
-    y = +-1 (N,) and the training covariance S = cov (D, D), float64: usefulness E[y f(x)] (K,) and robustness
-    ||a||_S / ||a|| (K,), which for an eigenvector of S is the square root of its eigenvalue. Robust usefulness at L2
-    eps is usefulness - eps / robustness (the worst perturbation moves f by eps ||a|| / ||a||_S)."""
+    y = +-1, (N,) for all K or (N, K) one column per feature, and the training covariance S = cov (D, D), float64:
+    usefulness E[y f(x)] (K,) and robustness ||a||_S / ||a|| (K,), which for an eigenvector of S is the square root of
+    its eigenvalue. Robust usefulness at L2 eps is usefulness - eps / robustness (the worst perturbation moves f by
+    eps ||a|| / ||a||_S)."""
     norm_s = ((a @ cov) * a).sum(dim=1).clamp_min(0).sqrt()
-    return a @ (xc.T @ y / len(y)) / norm_s, norm_s / a.norm(dim=1)
+    m = xc.T @ y / len(y)  # (D,) or (D, K): the label-weighted mean image
+    return (a @ m if y.dim() == 1 else (a * m.T).sum(dim=1)) / norm_s, norm_s / a.norm(dim=1)
+
+
+def ensemble(directions, x, labels):
+    """Goh's ensemble: the sum of the unit directions (K, D), each signed to be useful for the labels on the centred
+    images x (N, D). labels (N, L), one label vector per ensemble -> (L, D). Only x and the labels choose the signs, so
+    on other images (the test set) the ensemble's usefulness is held out."""
+    return (directions @ (x.T @ labels)).sign().T @ directions
+
+
+def ensemble_null(directions, x, y, xt, yt, cov, draws):
+    """A permutation null for the ensemble's held-out usefulness: `draws` shuffles of the training labels y, the
+    signs chosen again on the training images x each time, each ensemble measured on the test images (xt, yt).
+    Returns the draws' test usefulness (draws,), their usefulness on their own shuffled labels and their robustness."""
+    shuffled = torch.stack([y[torch.randperm(len(y), device=y.device)] for _ in range(draws)], dim=1)  # (N, draws)
+    a = ensemble(directions, x, shuffled)  # (draws, D)
+    return (linear_feature_stats(a, xt, yt, cov)[0],) + linear_feature_stats(a, x, shuffled, cov)
 
 
 def exp_linear_features(cfg, dev):
     """Goh's two constructions on CIFAR-10 trucks (+1) vs frogs (-1), with all 10,000 training images of the two
-    classes at every scale (Sigma is 3072 x 3072; its eigenvectors are the linear features):
-    * every eigenvector of Sigma as a feature: the robust (low-frequency) ones are the useful ones (his figure: log
-      robustness vs usefulness);
+    classes at every scale (S is 3072 x 3072; its eigenvectors are the linear features):
+    * every eigenvector of S as a feature: the robust (low-frequency) ones are the useful ones (his figure: log
+      robustness vs usefulness). Judged held out: each direction's sign chosen on the training images, its usefulness
+      measured on the test images, over the most robust third of the directions. The rest are poorly estimated from
+      10,000 images of 3,072 values: on test images their variance exceeds their training eigenvalue (recorded), so
+      their usefulness is inflated;
     * ensemble: the sign-weighted sum of the unit eigenvectors less robust than --lin-robustness times the most robust
-      one's (Goh: 349 directions, each of usefulness <= 0.027, together 0.208). He chose the signs on the images he
-      measured on, which alone gives ~sqrt(349) x 0.012 = 0.22 from noise; here the signs come from the training
-      images, the usefulness from the test images, beside a control whose signs come from shuffled training labels;
-    * containment: (1 - alpha) a_nonrobust + alpha a_robust (unit eigenvectors, alpha from 1 down to 1e-9): the mix
-      keeps most of a_robust's usefulness while its robustness falls by orders of magnitude."""
+      one's (Goh: 349 directions, each of usefulness <= 0.027, together 0.208, signs chosen on the images he measured
+      on). Here the signs come from the training images and the usefulness from the test images, against a
+      permutation null: --lin-null shuffles of the training labels, the signs chosen again on each;
+    * containment, a demonstration: (1 - alpha) a_nonrobust + alpha a_robust (unit eigenvectors, alpha from 1 down to
+      1e-9) keeps most of a_robust's usefulness while its robustness falls by orders of magnitude."""
     xtr, ytr, xte, yte = cifar_full(cfg)
 
     def trucks_frogs(x, y):
@@ -1340,32 +1465,47 @@ def exp_linear_features(cfg, dev):
     # directions the training images span: fewer images than pixels, as in the tests, leave some of zero variance)
     useful, robust = linear_feature_stats(eigs, x, y, cov)
     eigs, useful = eigs * useful.sign()[:, None], useful.abs()  # each direction's sign makes it useful (on training images)
+    held_out = linear_feature_stats(eigs, xt, yt, cov)[0]
+    ratio = (xt @ eigs.T).var(dim=0) / robust.pow(2)  # test variance of a.x over the training eigenvalue
+    third = len(eigs) // 3
     e, n = "linear-features", len(xt)
     rec = functools.partial(record, cfg, e, arch="linear")
+    rho = lambda k: spearman(robust[:k].log().tolist(), held_out[:k].tolist())
     recs = [rec("training images", len(x)), rec("test images", n), rec("eigenvectors", len(eigs), side=cfg.lin_size),
-            rec("eigenvectors: Spearman(log robustness, usefulness)", spearman(robust.log().tolist(), useful.tolist())),
+            rec("eigenvectors, most robust third", third),
+            rec("eigenvectors, most robust third: Spearman(log robustness, test usefulness)", rho(third)),
+            rec("eigenvectors, all: Spearman(log robustness, test usefulness)", rho(len(eigs))),
+            rec("eigenvectors, all: Spearman(log robustness, usefulness on training images)",
+                spearman(robust.log().tolist(), useful.tolist())),
+            rec("eigenvectors, most robust third: test variance / eigenvalue, median", ratio[:third].median().item()),
+            rec("eigenvectors, the rest: test variance / eigenvalue, median", ratio[third:].median().item()),
             rec("most useful eigenvector: usefulness", useful.max().item(), rank_by_robustness=int(useful.argmax()))]
     seed_all(cfg.seed, e)
     below = robust < cfg.lin_robustness * robust.max()
-    ens = {}
-    for what, labels in (("ensemble", y), ("shuffled-label control", y[torch.randperm(len(y), device=dev)])):
-        signs = linear_feature_stats(eigs[below], x, labels, cov)[0].sign()  # signs chosen on the training images
-        a = (signs[:, None] * eigs[below]).sum(dim=0, keepdim=True)
-        (u_in, r_in), (u_out, _) = linear_feature_stats(a, x, labels, cov), linear_feature_stats(a, xt, yt, cov)
-        ens[what] = (r_in.item(), u_out.item())
-        recs += [rec(f"{what}: usefulness on its training labels (signs chosen there)", u_in.item(),
-                     directions=int(below.sum())),
-                 rec(f"{what}: usefulness on test images", u_out.item()), rec(f"{what}: robustness", r_in.item())]
+    a = ensemble(eigs[below], x, y[:, None])  # (1, D)
+    (u_in, r_in), (u_out, _) = linear_feature_stats(a, x, y, cov), linear_feature_stats(a, xt, yt, cov)
+    null_out, null_in, null_r = ensemble_null(eigs[below], x, y, xt, yt, cov, cfg.lin_null)
+    p99, p = null_out.quantile(0.99).item(), (1 + (null_out >= u_out).sum().item()) / (1 + cfg.lin_null)
     recs += [rec("ensemble: directions", int(below.sum()), threshold=cfg.lin_robustness),
-             rec(f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)",
-                 ens["ensemble"][1] - cfg.lin_eps / ens["ensemble"][0])]
+             rec("ensemble: usefulness on its training labels (signs chosen there)", u_in.item()),
+             rec("ensemble: usefulness on test images", u_out.item()),
+             rec("ensemble: variance of f on test images", (xt @ a[0]).var().item() / (a[0] @ cov @ a[0]).item()),
+             rec("ensemble: robustness", r_in.item()),
+             rec(f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)", u_out.item() - cfg.lin_eps / r_in.item()),
+             rec("shuffled-label null: draws", cfg.lin_null),
+             rec("shuffled-label null: test usefulness, 99th percentile", p99),
+             rec("shuffled-label null: test usefulness, mean", null_out.mean().item(), sd=round(null_out.std().item(), 4)),
+             rec("shuffled-label null: usefulness on their own training labels, mean", null_in.mean().item()),
+             rec("ensemble: p-value against the shuffled-label null", p)]
     alpha = torch.logspace(0, -9, 200, dtype=torch.float64, device=dev)[:, None]
     a_r, a_nr = eigs[int(useful.argmax())], eigs[-1]  # the most useful direction; the least robust one
     path = linear_feature_stats((1 - alpha) * a_nr + alpha * a_r, x, y, cov)
     kept = path[0] >= 0.9 * path[0][0]  # path[.][0]: alpha = 1, a_robust itself
     drop = (path[1][kept].min() / path[1][0]).item()
     recs.append(rec("containment: robustness left while keeping 90% of a_robust's usefulness (%)", 100 * drop))
-    figure_linear_features(cfg, useful, robust, ens, path, (useful.max().item(), robust[int(useful.argmax())].item()))
+    figure_linear_features(cfg, useful, robust, dict(ensemble=(r_in.item(), u_out.item()),
+                                                     null=(null_r.median().item(), p99)), path,
+                           (useful.max().item(), robust[int(useful.argmax())].item()))
     return recs
 
 
@@ -1440,13 +1580,17 @@ def exp_style(cfg, dev):
     stage of the standard and the robust model at L2 --style-eps (their figure, ImageNet ResNet-50: standard ~0.5,
     robust ~0.06; they give no radius). (b) Gatys style transfer with each model's Gram matrices (the content loss
     always on the standard model), from CIFAR test images upsampled to --style-size (or --content-image) towards
-    --style-image (or a synthetic texture): how much of the change (output - content) is at high spatial frequency
-    (max|k| >= size/4), and how much closer to the style the output is, judged by the Gram distance of a third,
-    independently trained standard model (bugs' first ensemble member) that took no part in the optimisation."""
+    --style-image (or a synthetic texture): how much closer to the style the output is than the content, judged by the
+    Gram distance of a neutral network (an untrained one of the same architecture, which shares no training, and so
+    no Gram statistics, with either model), and, as description, where the change (output - content) puts its
+    energy: at low (max|k| <= size/8) and high (>= size/4) frequencies. Nakano's own (qualitative) observation: robust
+    stylisations work and are slightly noisier. The content images are 32-pixel images upsampled, and Adam is not his
+    L-BFGS, so the bands describe our outputs, not his."""
     cfg, data = cifar(cfg, dev)
     x, y, xte, yte = data
-    std, rob = standard_model(cfg, dev, data), robust_model(cfg, dev, data)
-    judge = train_model(cfg, dev, "bugs-member0", x, y, recipe(cfg, member=0))
+    std, rob = natural_model(cfg, dev, data), robust_model(cfg, dev, data)
+    seed_all(cfg.seed, "style-judge")
+    judge = new_model(recipe(cfg), dev)  # untrained: BatchNorm at its initial statistics
     n, e, recs = min(cfg.style_images, len(xte)), "style", []
     worst = 0.0
     for eps in cfg.style_eps:
@@ -1470,9 +1614,12 @@ def exp_style(cfg, dev):
         with torch.no_grad():
             closer = (style_distance(judge, outs[kind], style) / style_distance(judge, content, style)).mean().item()
         rec = functools.partial(record, cfg, e, arch=model.key.get("arch"))
-        recs += [rec(f"{kind} style: share of the change at high frequency (%)",
-                     100 * energy_share(outs[kind] - content, lo=size // 4), size=size, iters=cfg.style_iters),
-                 rec(f"{kind} style: judge's style distance, output / content", closer)]
+        recs += [rec(f"{kind} style: judge's style distance, output / content", closer, judge="untrained",
+                     size=size, iters=cfg.style_iters),
+                 rec(f"{kind} style: share of the change's energy at low frequencies (%)",
+                     100 * energy_share(outs[kind] - content, hi=size // 8), band=f"max|k| <= {size // 8}"),
+                 rec(f"{kind} style: share of the change's energy at high frequencies (%)",
+                     100 * energy_share(outs[kind] - content, lo=size // 4), band=f"max|k| >= {size // 4}")]
     grid(os.path.join(cfg.out, "style.png"), f"Nakano: style transfer with a standard vs a robust model ({tag(cfg)})",
          [torch.stack([c, style[0], outs["standard"][i], outs["robust"][i]]) for i, c in enumerate(content)],
          [f"content {i + 1}" for i in range(len(content))], ["content", "style", "standard model's style",
@@ -1491,11 +1638,11 @@ def exp_style(cfg, dev):
 # =====================================================================================================================
 
 CODE = hashlib.sha1(open(__file__, "rb").read()).hexdigest()[:10]  # this file's text: part of every key
-WHERE = {"data", "out", "download", "device", "compile", "attack_batch", "seed", "seeds", "since"}  # never in a key
+WHERE = {"data", "out", "export", "download", "device", "compile", "attack_batch", "seed", "seeds", "since"}  # never in a key
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 STAGES = []   # this process's timed stages; main() adds them to results.json
 MEMO = {}     # artifact path -> what stage() returned for it, in this process
-FLOPS = [0]   # FLOPs counted by count_flops (while flops_counted() is active)
+FLOPS = [0]   # FLOPs counted by count_flops
 _NESTED = []  # [seconds, flops] of the stages running inside each running stage (a stage's own time excludes them)
 _FINGERPRINTS = {}
 
@@ -1534,15 +1681,20 @@ def stage(cfg, name, run, settings=None, inputs=(), models=(), title=None):
     path = os.path.join(cfg.out, "artifacts", f"{slug}-s{cfg.seed}-{settings_key(key)}.pt")
     if path in MEMO:
         return MEMO[path]
-    t0, f0, loaded = time.time(), FLOPS[0], os.path.isfile(path)
+    t0, f0, out = time.time(), FLOPS[0], None
     _NESTED.append([0.0, 0])
-    if loaded:
-        log(f"[{title}] reading {path}")
-    else:
+    if os.path.isfile(path):
+        try:
+            out = read_artifact(path, key)
+            log(f"[{title}] reading {path}")
+        except AdvexError as e:  # truncated (a full disk, a killed copy) or foreign: made again, in its place
+            log(f"advex: warning: {e}; making it again")
+    loaded = out is not None
+    if not loaded:
         seed_all(cfg.seed, name)
         save_atomic(dict(run(), key=json.dumps(key, sort_keys=True)), path)
         log(f"[{title}] done in {fmt_time(time.time() - t0)}; saved {path}")
-    out = read_artifact(path, key)
+        out = read_artifact(path, key)
     inner_s, inner_f = _NESTED.pop()
     seconds, flops = time.time() - t0, FLOPS[0] - f0
     if _NESTED:
@@ -1556,43 +1708,73 @@ def stage(cfg, name, run, settings=None, inputs=(), models=(), title=None):
 
 def read_artifact(path, key):
     """An artifact written by stage() for this key, read with weights_only=True (tensors and plain values only)."""
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign or pickled-object files all end here
-        raise AdvexError(f"cannot read {path} ({why(e)}); delete it to make it again") from None
+    d = torch_load(path)
     if not isinstance(d, dict) or d.get("key") != json.dumps(key, sort_keys=True):
-        raise AdvexError(f"{path} is not what advex wrote here for this stage; delete it to make it again")
+        raise AdvexError(f"{path} is not what advex wrote here for this stage")
     return dict(d, key=key, file=path)
 
 
 def save_atomic(obj, path):
-    """torch.save (text for a str, PNG for a Pillow image) to a temporary name, then rename: an interrupt never leaves
-    half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """torch.save (text for a str, PNG for a Pillow image) to PATH.tmpPID, then rename: an interrupt never leaves half
+    a file, and a failed write (disk full, a file-size limit) removes its temporary and names the file. A tensor that
+    views a larger one (the first 200 of 50,000 labels) is saved alone, not with the whole storage it views."""
     tmp = f"{path}.tmp{os.getpid()}"
-    if isinstance(obj, str):
-        with open(tmp, "w") as f:
-            f.write(obj)
-    elif hasattr(obj, "save"):
-        obj.save(tmp, format="PNG")
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    compact = lambda v: v.clone() if torch.is_tensor(v) and v.untyped_storage().nbytes() > v.nbytes else v
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if isinstance(obj, str):
+            with open(tmp, "w") as f:
+                f.write(obj)
+        elif hasattr(obj, "save"):
+            obj.save(tmp, format="PNG")
+        else:
+            torch.save({k: compact(v) for k, v in obj.items()} if isinstance(obj, dict) else compact(obj), tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise AdvexError(f"cannot write {path} ({why(e)})") from None
+
+
+def remove_stale_temporaries(out):
+    """Delete the PATH.tmpPID files in OUT and OUT/artifacts that a process which is no longer running left behind
+    (killed mid-write); a running process's temporaries are left alone."""
+    for folder in (out, os.path.join(out, "artifacts")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            pid = re.search(r"\.tmp(\d+)$", name)
+            if pid and not pid_alive(int(pid[1])):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, someone else's
+        pass
+    return True
 
 
 def checkpoint(model, r, epochs_done):
     """A trained model as stage() stores it: state_dict, what make_model needs to rebuild it, the epochs it trained."""
     return dict(state_dict=model.state_dict(), arch=r["arch"], width=r["width"], classes=r.get("classes", 10),
+                design=r.get("design", {}),
                 epochs_done=float(epochs_done))
 
 
 def new_model(r, dev, state=None):
-    """A model of recipe r on dev (channels_last on CUDA), fresh from the current random stream or with `state`."""
-    model = make_model(r["arch"], r["width"], r.get("classes", 10), *r.get("norm", (CIFAR_MEAN, CIFAR_STD))).to(dev)
-    if dev.type == "cuda":
+    """A model of recipe r on dev (channels_last where it runs in bf16: the layout bf16 convolutions are fastest in),
+    fresh from the current random stream or with `state`."""
+    model = make_model(r["arch"], r["width"], r.get("classes", 10), *r.get("norm", (CIFAR_MEAN, CIFAR_STD)),
+                       r.get("design")).to(dev)
+    if BF16.get(dev.type):
         model = model.to(memory_format=torch.channels_last)
     if state is not None:
         model.load_state_dict(state)
+    for part in {getattr(model, "body", model.head), model.head}:  # LinearNet is all head
+        part.register_forward_hook(count_flops)
     return model.eval()
 
 
@@ -1615,24 +1797,33 @@ def maybe_compile(model, x, enabled):
     return model
 
 
+def flops_per_image(module, x):
+    """2 x the multiply-adds of every conv and linear layer in `module` (what torch's FlopCounterMode counts) for one
+    image of x, found by passing x[:1] through it once with a hook on each of those layers."""
+    if isinstance(module, nn.Linear):  # a head: no layers inside to hook
+        return 2 * module.in_features * module.out_features
+    n = [0]
+
+    def leaf(m, inputs, out):
+        per_output = m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.in_features
+        n[0] += 2 * out.numel() * per_output
+
+    hooks = [m.register_forward_hook(leaf) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        type(module).forward(module, x[:1])  # not __call__ (no count_flops) nor a compiled forward (no new shape)
+    for h in hooks:
+        h.remove()
+    return n[0]
+
+
 def count_flops(module, inputs, output):
-    """A global forward hook (flops_counted installs it): 2 x the multiply-adds of every conv and linear layer, what torch's
-    FlopCounterMode counts, x3 for a training step (forward and backward) and x2 for an attack or inversion step
-    (forward and the input gradient), from outside every loop of the science."""
-    if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(output, torch.Tensor):
-        per_output = (module.in_channels // module.groups * math.prod(module.kernel_size)
-                      if isinstance(module, nn.Conv2d) else module.in_features)
-        FLOPS[0] += (3 if module.training else 2 if torch.is_grad_enabled() else 1) * 2 * output.numel() * per_output
-
-
-@contextlib.contextmanager
-def flops_counted():
-    """count_flops installed as a global forward hook while inside (main() holds it for the whole run)."""
-    hook = nn.modules.module.register_module_forward_hook(count_flops)
-    try:
-        yield
-    finally:
-        hook.remove()
+    """Forward hook on every model's body and head (new_model installs it): one call per pass of a batch, which adds
+    the module's FLOPs per image (measured on its first batch) x the batch x 3 for a training step (forward and
+    backward), 2 for an attack or inversion step (forward and the input gradient), 1 for a forward pass alone.
+    From outside every loop of the science; the stage table divides by each stage's seconds."""
+    if not hasattr(module, "flops_per_image"):
+        module.flops_per_image = flops_per_image(module, inputs[0])
+    FLOPS[0] += (3 if module.training else 2 if torch.is_grad_enabled() else 1) * module.flops_per_image * len(inputs[0])
 
 
 def fmt_time(s):
@@ -1690,12 +1881,13 @@ def read_results(out, must_exist=False):
     if not os.path.isfile(path):
         if must_exist:
             raise AdvexError(f"{path} not found: no advex results in --out {out}")
-        return dict(records=[], runs={}, stages=[])
+        return dict(records=[], runs={}, stages=[], not_run={})
     try:
         with open(path) as f:
             res = json.load(f)
         assert isinstance(res["records"], list) and isinstance(res["runs"], dict) and isinstance(res["stages"], list)
         assert all({"experiment", "metric", "value", "seed", "arch", "run", "scale"} <= set(r) for r in res["records"])
+        assert isinstance(res.setdefault("not_run", {}), dict)
     except Exception:
         raise AdvexError(f"{path} is not an advex results file (unreadable, or written by another version); "
                          f"move it away or choose another --out") from None
@@ -1706,18 +1898,27 @@ def latest_scale(res):
     return next((r["scale"] for r in reversed(res["records"]) if r["scale"] != "any"), "any")
 
 
-def write_results(out, records, runs, stages=(), scale=None):
+def write_results(out, records, runs, stages=(), scale=None, not_run=None):
     """Merge records (and the settings of their runs, and stage times) into OUT/results.json; rewrite results.md
-    for `scale` (default: the latest run's)."""
-    res = read_results(out)
-    ident = lambda r: (r["experiment"], r["metric"], r["arch"], r["seed"], r["run"])
-    new = {ident(r) for r in records}
-    res["records"] = [r for r in res["records"] if ident(r) not in new] + list(records)
-    res["runs"].update(runs)
-    res["stages"] += list(stages)
-    save_atomic(json.dumps(res, indent=1), os.path.join(out, "results.json"))
-    table = results_table(res, scale or latest_scale(res))
-    save_atomic(table, os.path.join(out, "results.md"))
+    for `scale` (default: the latest run's). not_run: {experiment: why it could not run, or None: it ran} at `scale`.
+    Under a lock on OUT/results.json.lock, so processes writing to one --out at once all keep their records."""
+    import fcntl  # POSIX
+    with open(os.path.join(out, "results.json.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        res = read_results(out)
+        ident = lambda r: (r["experiment"], r["metric"], r["arch"], r["seed"], r["run"])
+        new = {ident(r) for r in records}
+        res["records"] = [r for r in res["records"] if ident(r) not in new] + list(records)
+        res["runs"].update(runs)
+        res["stages"] += list(stages)
+        res.setdefault("data", {}).update(PROVENANCE)
+        for experiment, why in (not_run or {}).items():
+            res["not_run"].setdefault(scale, {})[experiment] = why
+            if why is None:
+                del res["not_run"][scale][experiment]
+        save_atomic(json.dumps(res, indent=1), os.path.join(out, "results.json"))
+        table = results_table(res, scale or latest_scale(res))
+        save_atomic(table, os.path.join(out, "results.md"))
     return table
 
 
@@ -1743,6 +1944,7 @@ def results_table(res, scale):
     if scale == "quick":
         lines += ["**Quick scale: tiny sizes that test the code path. These numbers mean nothing about the papers' "
                   "claims; the verdicts below are not results.**", ""]
+    lines += [f"Data: {name}, {copy}." for name, copy in res.get("data", {}).items()] + [""] if res.get("data") else []
     lines += ["Mean ± std over seeds (n). One row per experiment, metric, architecture and run settings (the `run` "
               "column; what each run changed from the full-size defaults is listed below the table)." +
               (f" results.json also holds scale {', '.join(others)} (`advex.py report --scale S`)." if others else ""),
@@ -1760,11 +1962,15 @@ def results_table(res, scale):
         s = res["runs"].get(run, {})
         diff = ", ".join(f"{k} {v}" for k, v in s.items() if k != "scale" and defaults.get(k, None) != v)
         lines.append(md_row(run, s.get("scale", ""), diff or "none"))
+    not_run = res["not_run"].get(scale, {})
+    if not_run:
+        lines += ["", "## Not run", "", "Experiments of the latest run at this scale that could not run here:", ""]
+        lines += [f"- `{e}`: {why}" for e, why in not_run.items()]
     lines += ["", "## Claims", "", f"Each claim of the paper and the responses, its criterion, our values (mean over "
               f"seeds) from one run of scale {scale} (the latest that has any of them) and the verdict. MIXED: that run "
               f"lacks some of the values, which only other runs have; NOT RUN: no run of this scale has them.", "",
               "| claim | criterion | ours | verdict | run |", "|---|---|---|---|---|"]
-    lines += [md_row(*row) for row in check_claims(records)]
+    lines += [md_row(*row) for row in check_claims(records, not_run)]
     return "\n".join(lines) + "\n"
 
 
@@ -1849,36 +2055,36 @@ CLAIMS = [
      "high-pass test acc >= 30 (3x chance) while the filter keeps <= 10% of the non-DC energy",
      [(F_, "high-pass: test acc (filtered test set)"), (F_, "high-pass: share of non-DC energy kept (%)")],
      lambda acc, kept: acc >= 30 and kept <= 10),
-    ("Gilmer & Hendrycks (Yin et al.): adversarial training lowers the Fourier heat map at high frequencies",
-     "mean heat map error at max|k| >= --freq-high: robust model < standard model",
-     [(F_, "robust model: heat map error, high frequencies (%)"), (F_, "standard model: heat map error, high frequencies (%)")],
-     lambda rob, std: rob < std),
+    ("Gilmer & Hendrycks (Yin et al.): adversarial training trades high-frequency robustness for low-frequency fragility",
+     "heat-map error minus clean error, mean over max|k| >= --freq-high: robust < standard; over max|k| <= --freq-low: "
+     "robust > standard", [(F_, f"{k} model: heat map excess error, {b} frequencies") for b in ("high", "low")
+                           for k in ("robust", "standard")], lambda rh, sh, rl, sl: rh < sh and rl > sl),
     ("Gilmer & Hendrycks: adversarial training costs robustness to fog and contrast, gains it against noise",
      "accuracy retained (corrupted / clean, mean over severities 1-5): robust < standard under fog and contrast, > under noise",
      [(F_, f"{k} model: {c} accuracy retained (%)") for c in ("fog", "contrast", "noise") for k in ("robust", "standard")],
      lambda rf, sf, rc, sc, rn, sn: rf < sf and rc < sc and rn > sn),
-    ("Goh: the useful linear features are the robust ones", "Spearman(log robustness, usefulness) over the eigenvectors "
-     "> 3 SE (1/sqrt(n - 1), n eigenvectors)", [(L_, "eigenvectors: Spearman(log robustness, usefulness)"), (L_, "eigenvectors")],
-     lambda rho, n: rho > 3 / math.sqrt(n - 1)),
+    ("Goh: the useful linear features are the robust ones", "Spearman(log robustness, test usefulness) over the most "
+     "robust third of the eigenvectors (signs chosen on training images) > 3 SE (1/sqrt(n - 1))",
+     [(L_, "eigenvectors, most robust third: Spearman(log robustness, test usefulness)"),
+      (L_, "eigenvectors, most robust third")], lambda rho, n: rho > 3 / math.sqrt(n - 1)),
     ("Goh: a sum of non-robust directions is a useful, non-robust feature",
-     "ensemble usefulness on test images > 3 SE (1/sqrt(n test)) and > the shuffled-label control's; signs chosen on training images",
-     [(L_, "ensemble: usefulness on test images"), (L_, "shuffled-label control: usefulness on test images"), (L_, "test images")],
-     lambda u, control, n: u > 3 / math.sqrt(n) and u > control),
-    ("Goh: a robust useful feature can contain a non-robust one", "a mix keeps >= 90% of a_robust's usefulness with "
-     "<= 1% of its robustness", [(L_, "containment: robustness left while keeping 90% of a_robust's usefulness (%)")],
-     lambda left: left <= 1),
+     "ensemble usefulness on test images (signs chosen on training images) > the 99th percentile of a permutation null "
+     "(the training labels shuffled, the signs chosen again, each draw); p printed",
+     [(L_, "ensemble: usefulness on test images"), (L_, "shuffled-label null: test usefulness, 99th percentile"),
+      (L_, "ensemble: p-value against the shuffled-label null")], lambda u, p99, p: u > p99),
     ("Nakano (the authors' reply): a robust model's layers are more robust", "R(f) robust < standard at every stage and radius",
      [(S_, "R(f) robust / standard, largest over stages and radii")], lambda ratio: ratio < 1),
-    ("Nakano: the robust model's stylisation puts less of its change at high frequency",
-     "share of the change's energy at max|k| >= size/4: robust < standard",
-     [(S_, "robust style: share of the change at high frequency (%)"), (S_, "standard style: share of the change at high frequency (%)")],
+    ("Nakano: style transfer works with a robust model's Gram matrices, less with a standard one's",
+     "an untrained network's Gram distance to the style image, output / content: robust model's output < standard's",
+     [(S_, "robust style: judge's style distance, output / content"), (S_, "standard style: judge's style distance, output / content")],
      lambda rob, std: rob < std),
 ]
 
 
-def check_claims(records):
+def check_claims(records, not_run=None):
     """[(claim, criterion, our values, HOLDS | FAILS | MIXED | NOT RUN, run)], each claim from the latest run (of the
-    records given: one scale) that has any of its values."""
+    records given: one scale) that has any of its values. not_run: {experiment: why it could not run}, said in the
+    row of a claim that no run has values for."""
     order, table = {}, {}
     for i, r in enumerate(records):
         order[r["run"]] = i
@@ -1889,7 +2095,9 @@ def check_claims(records):
     for claim, criterion, needs, test in CLAIMS:
         runs = {run for n in needs for run in table.get(n, {})}
         if not runs:
-            rows.append((claim, criterion, "", "NOT RUN", ""))
+            why = [f"{e}: {w}" for e, w in (not_run or {}).items() if any(n == e or n.startswith(e + " ") or
+                                                                        e == "ilyas" and n in SEC3_RECORDS for n, _ in needs)]
+            rows.append((claim, criterion, "; ".join(dict.fromkeys(why)), "NOT RUN", ""))
             continue
         run = max(runs, key=order.get)
         missing = [m for n, m in needs if run not in table.get((n, m), {})]
@@ -1973,15 +2181,25 @@ def legend(d, x, y, items):
         d.text((x + 18, y + 20 * k), label, fill="black", font=font(14))
 
 
-def grid(path, title, rows, row_names, col_names, scale=3, note=""):
+def grid(path, title, rows, row_names, col_names, scale=3, note="", bars=()):
     """PNG of image rows (each (n, C, H, W) in [0,1]) with row names on the left and column names (one or two lines,
-    split at a newline) on top of each column."""
+    split at a newline) on top of each column. bars: per column, None or (lo, hi, unit, diverging): a colour bar under
+    it, colormap's colours from lo to hi, with numbers."""
     from PIL import Image
     n, (_, H, W) = len(rows[0]), rows[0].shape[1:]
     cell = max([W * scale] + [text_width(part) for c in col_names for part in str(c).split("\n")]) + 8
     left, head = max(text_width(r) for r in row_names) + 20, 2 + 18 * max(len(str(c).split("\n")) for c in col_names)
     im, d, top = canvas(left + n * cell + 10, 0, title, note)
-    im, d, top = canvas(im.width, top + head + len(rows) * (H * scale + 8) + 10, title, note)
+    bottom = top + head + len(rows) * (H * scale + 8)
+    im, d, top = canvas(im.width, bottom + (40 if any(bars) else 0) + 10, title, note)
+    for j, bar in enumerate(bars):
+        if bar:
+            (lo, hi, unit, diverging), x0 = bar, int(left + j * cell + (cell - W * scale) / 2)
+            ramp = torch.linspace(-1 if diverging else 0, 1, W * scale)[None].expand(12, -1)
+            im.paste(Image.fromarray(colormap(ramp, diverging).mul(255).round().byte().permute(1, 2, 0).numpy()), (x0, bottom))
+            for frac, v in ((0, lo), (0.5, (lo + hi) / 2), (1, hi)):
+                label = f"{v:+g}{unit}" if diverging and v else f"{v:g}{unit}"
+                d.text((x0 + frac * W * scale - frac * text_width(label, 13), bottom + 15), label, fill="black", font=font(13))
     for j, c in enumerate(col_names):
         for k, part in enumerate(str(c).split("\n")):
             d.text((left + j * cell + (cell - text_width(part)) / 2, top + 18 * k), part, fill="black", font=font(14))
@@ -2065,6 +2283,8 @@ def plot(path, title, xlabel, ylabel, series, xlog=False, note="", xlim=None, yl
                 while any(abs(y - ty) < 16 and x < tx_ + tw and tx_ < x + text_width(label, 13) for tx_, ty, tw in taken):
                     y += 16
                 taken.append((x, y, text_width(label, 13)))
+                if y > b:  # nudged away from its dot: a leader line from the dot to the label's near end
+                    d.line([a, b, x if x > a else x + text_width(label, 13), y + 8], fill=GREY)
                 d.text((x, y), label, fill="black", font=font(13))
     legend(d, x0 + w + 20, y0, [(s["label"], s["colour"]) for s in series])
     save_atomic(im, path)
@@ -2082,6 +2302,13 @@ def colormap(v, diverging=False):
     t = v.clamp(0, 1) * (len(VIRIDIS) - 1)
     k = t.floor().long().clamp(max=len(VIRIDIS) - 2)
     return (VIRIDIS[k] + (t - k)[..., None] * (VIRIDIS[k + 1] - VIRIDIS[k])).permute(2, 0, 1)
+
+
+def source_names(cfg):
+    """Sec. 3's models, in words."""
+    std = (os.path.basename(cfg.standard_from) if cfg.standard_from else
+           f"{cfg.std_arch}-{cfg.width}, {cfg.std_epochs} epochs")
+    return f"standard source {std}; robust source and fresh models {cfg.arch}-{cfg.width}"
 
 
 def tag(cfg):
@@ -2110,14 +2337,15 @@ def figure_fig2(cfg, recs):
     Table 1 (D_rand, D_det), ours beside the paper's."""
     v = {(r["experiment"], r["metric"]): r["value"] for r in recs}
     sets, what = ("standard", "robust", "d_r", "d_nr"), ("D (standard)", "D (adv. trained)", "D_R", "D_NR")
+    ra = lambda e: RA + ", 7 steps of eps/5" if e == "standard" else RA  # the standard model's 4.5: the paper's attack
     bars(os.path.join(cfg.out, "fig2.png"), f"Ilyas et al. Fig. 2: models trained on D, D_R, D_NR ({tag(cfg)})",
          "test accuracy (%)", what,
          [("ours: standard acc", BLUE, [v.get((e, "standard acc")) for e in sets]),
           ("paper: standard acc", LIGHT_BLUE, [PAPER.get((e, "standard acc")) for e in sets]),
-          ("ours: robust acc", ORANGE, [v.get((e, RA)) for e in sets]),
-          ("paper: robust acc", LIGHT_ORANGE, [PAPER.get((e, RA)) for e in sets])],
-         note=f"robust acc: L2 PGD at eps 0.25, {cfg.eval_steps} steps of 2.5 eps/steps (the paper's standard model: 4.5 "
-              f"under its 7 steps of eps/5); our models: {cfg.arch}-{cfg.width}; the paper's: ResNet-50")
+          ("ours: robust acc", ORANGE, [v.get((e, ra(e))) for e in sets]),
+          ("paper: robust acc", LIGHT_ORANGE, [PAPER.get((e, ra(e))) for e in sets])],
+         note=f"robust acc: L2 PGD at eps 0.25, {cfg.eval_steps} steps of 2.5 eps/steps; D (standard): both under the "
+              f"paper's 7 steps of eps/5, as its 4.5 was measured. Ours: {source_names(cfg)}; the paper's: ResNet-50")
     bars(os.path.join(cfg.out, "table1.png"), f"Ilyas et al. Table 1: D_rand and D_det ({tag(cfg)})",
          "test accuracy (%) on the real test set", ("D_rand", "D_det"),
          [("ours", BLUE, [v.get(("d_rand", "standard acc")), v.get(("d_det", "standard acc"))]),
@@ -2126,11 +2354,11 @@ def figure_fig2(cfg, recs):
 
 
 def figure_transfer(cfg, recs):
-    v = {(r["arch"], r["metric"]): r["value"] for r in recs}
+    v, src = {(r["arch"], r["metric"]): r["value"] for r in recs}, recs[0]["settings"]["source"]
     archs = list(cfg.transfer_archs)
-    ours = dict(label=f"ours ({cfg.transfer_source} source)", colour=BLUE, points=[
+    ours = dict(label=f"ours ({src} source)", colour=BLUE, points=[
         (v[(a, "transfer rate")], v[(a, "D_det-trained test acc")]) for a in archs],
-        names=[a + (" (source)" if a == cfg.transfer_source else "") for a in archs])
+        names=[a + (" (source)" if a == src else "") for a in archs])
     paper = [a for a in ("vgg16", "resnet18", "resnet50")]
     theirs = dict(label="paper (resnet50 source)", colour=LIGHT_ORANGE, names=paper, points=[
         (PAPER[("transfer", "transfer rate", a)], PAPER[("transfer", "D_det-trained test acc", a)]) for a in paper])
@@ -2147,8 +2375,9 @@ def figure_frequency(cfg, maps, originals, labels, filtered):
     grid(os.path.join(cfg.out, "frequency.png"), f"Gilmer & Hendrycks: Fourier heat maps ({tag(cfg)})",
          [torch.stack([colormap(maps["standard"] / 100), colormap(maps["robust"] / 100), colormap(diff, diverging=True)])],
          ["error rate"], ["standard model", "robust model", "robust - standard"], scale=8,
-         note=f"each pixel: a Fourier basis image of L2 norm {cfg.freq_norm:g} (frequency 0 at the centre, +-16 at the "
-              f"edges); error 0% dark blue -> green -> 100% yellow; difference: blue = robust lower, red = robust higher")
+         bars=[(0, 100, "%", False), (0, 100, "%", False), (-100, 100, " pts", True)],
+         note=f"each pixel: the test error when a Fourier basis image of L2 norm {cfg.freq_norm:g} is added (frequency 0 "
+              f"at the centre, +-16 at the edges); difference: blue = robust lower, red = robust higher")
     hp = filtered["high-pass"]
     grid(os.path.join(cfg.out, "filtered.png"), f"Gilmer & Hendrycks: what the filtered models see ({tag(cfg)})",
          [originals, filtered["low-pass"], hp, (hp - 0.5) * 5 + 0.5], ["test image", f"low-pass <= {cfg.freq_low}",
@@ -2168,9 +2397,9 @@ def figure_linear_features(cfg, useful, robust, ens, path, robust_point):
           dict(label="a_robust, the most useful", colour=BLUE, size=6, points=[robust_point[::-1]], names=["a_robust"]),
           dict(label="ensemble: held-out usefulness", colour=(200, 0, 0), size=6, points=[ens["ensemble"]],
                names=["ensemble (test)"]),
-          dict(label="shuffled-label control (test)", colour=GREY, size=6, points=[ens["shuffled-label control"]],
-               names=["control (test)"])], xlog=True,
-         note="usefulness on the training images, each direction's sign chosen there; ensemble and control on test images")
+          dict(label="shuffled-label null: 99th percentile (test)", colour=GREY, size=6, points=[ens["null"]],
+               names=["null, 99th pct (test)"])], xlog=True,
+         note="usefulness on the training images, each direction's sign chosen there; ensemble and null on test images")
 
 
 # =====================================================================================================================
@@ -2182,13 +2411,31 @@ CIFAR_FILES = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2
                "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
                "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}  # md5
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DATASETS = {"cifar": ("CIFAR10", "cifar-10-batches-py", CIFAR_FILES), "mnist": ("MNIST", "MNIST/raw", MNIST_FILES),
+            "fashion": ("FashionMNIST", "FashionMNIST/raw", MNIST_FILES)}  # torchvision's name, folder under --data, files
+DATA = {}  # this process's datasets, read once (main() clears it)
+PROVENANCE = {}  # dataset -> which copy this process read (results.md says it)
 MADRY_MEAN, MADRY_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # MadryLab's and RobustBench's CIFAR-10
 
 
 def why(e):
-    """An exception as one whole line: its type, and the first line of its message when it has one."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    """An exception as one short line: its type, and the first sentence of its message when it has one."""
+    lines = re.sub(r"^\[enforce fail at [^]]*\] \.? ?", "", str(e).strip()).splitlines()  # torch's C++ location: noise
+    return f"{type(e).__name__}: {lines[0].split('. ')[0][:200]}" if lines else type(e).__name__
+
+
+def torch_load(path):
+    """torch.load(path) on the CPU with weights_only=True (tensors and plain values: no code runs), its failure said
+    in one line that names the file and the likely cause."""
+    if not os.path.isfile(path):
+        raise AdvexError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        cause = ("it holds Python objects that only code can rebuild, which weights_only=True refuses (MadryLab saved "
+                 "theirs with dill): if you trust the file, save its ['model'] state_dict alone with torch.save and pass "
+                 "that" if "GLOBAL" in str(e) else "truncated, empty or not a file torch.save wrote")
+        raise AdvexError(f"cannot read {path}: {cause} ({why(e)})") from None
 
 
 def file_sha1(path):
@@ -2228,16 +2475,20 @@ def need_files(dataset, root, folder, names, download):
                          f"(see README, 'Data')")
 
 
+def cifar_official(folder):
+    """Whether the six CIFAR-10 batch files in `folder` are the official ones (their md5 sums)."""
+    return all(hashlib.md5(open(os.path.join(folder, n), "rb").read()).hexdigest() == md5 for n, md5 in CIFAR_FILES.items())
+
+
 def load_cifar10(root, download=True, warn=True):
     """CIFAR-10 from ROOT/cifar-10-batches-py (torchvision's layout), downloading it when missing and allowed.
     A copy whose md5 sums differ from the official ones but whose format is right (e.g. one rebuilt from
     JPEGs) is used, with a warning when `warn`. Each batch must hold CIFAR_BATCH uint8 images of 3072 values
     and as many labels in 0..9. Returns uint8 (50000,3,32,32), int64 (50000,), uint8 (10000,3,32,32),
     int64 (10000,) on the CPU."""
-    folder = os.path.join(root, "cifar-10-batches-py")
+    folder = os.path.join(root, DATASETS["cifar"][1])
     need_files("CIFAR10", root, folder, CIFAR_FILES, download)
-    if warn and any(hashlib.md5(open(os.path.join(folder, n), "rb").read()).hexdigest() != md5
-                    for n, md5 in CIFAR_FILES.items()):
+    if warn and not cifar_official(folder):
         log(f"advex: warning: CIFAR-10 in {folder} differs from the official md5 sums (a re-encoded copy?); using it")
     splits = []
     for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
@@ -2304,20 +2555,30 @@ def first_n(n, size, flag):
 
 
 def cifar_full(cfg):
-    """All of CIFAR-10 on the CPU (the md5 warning once per --out and --data)."""
-    seen = os.path.join(cfg.out, "artifacts", f".cifar-checked-{settings_key(os.path.abspath(cfg.data))}")
-    data = load_cifar10(cfg.data, cfg.download, warn=not os.path.isfile(seen))
-    save_atomic("md5 sums checked; a warning, if any, was printed once\n", seen)
-    return data
+    """All of CIFAR-10 on the CPU, read once per process. Whether it is the official copy goes to results.md
+    (PROVENANCE); the md5 sums are computed, and a copy that differs is warned about, once per --out and --data."""
+    if ("cifar", cfg.data) not in DATA:
+        DATA["cifar", cfg.data] = load_cifar10(cfg.data, cfg.download, warn=False)
+        seen = os.path.join(cfg.out, "artifacts", f".cifar-checked-{settings_key(os.path.abspath(cfg.data))}")
+        official = open(seen).read().startswith("official") if os.path.isfile(seen) else cifar_official(
+            os.path.join(cfg.data, DATASETS["cifar"][1]))
+        if not os.path.isfile(seen) and not official:
+            log(f"advex: warning: CIFAR-10 in {cfg.data} differs from the official md5 sums (a re-encoded copy?); using it")
+        save_atomic("official\n" if official else "not official\n", seen)
+        PROVENANCE["CIFAR-10"] = (f"the official files (md5 sums match), {cfg.data}" if official else
+                                  f"NOT the official files: their md5 sums differ (a re-encoded copy, such as one "
+                                  f"rebuilt from JPEGs), {cfg.data}")
+    return DATA["cifar", cfg.data]
 
 
 def cifar(cfg, dev):
-    """CIFAR-10 on the device: the first --n-train training and --n-test test images, uint8 (N,3,32,32), int64
-    labels. Returns cfg with n_train / n_test set to the numbers used, and (xtr, ytr, xte, yte)."""
+    """CIFAR-10 on the device, moved there once per process: the first --n-train training and --n-test test images,
+    uint8 (N,3,32,32), int64 labels. Returns cfg with n_train / n_test set to the numbers used, and (xtr, ytr, xte, yte)."""
     xtr, ytr, xte, yte = cifar_full(cfg)
     ntr, nte = first_n(cfg.n_train, len(xtr), "n-train"), first_n(cfg.n_test, len(xte), "n-test")
-    return (dataclasses.replace(cfg, n_train=ntr, n_test=nte),
-            (xtr[:ntr].to(dev), ytr[:ntr].to(dev), xte[:nte].to(dev), yte[:nte].to(dev)))
+    if ("cifar", cfg.data, dev, ntr, nte) not in DATA:
+        DATA["cifar", cfg.data, dev, ntr, nte] = (xtr[:ntr].to(dev), ytr[:ntr].to(dev), xte[:nte].to(dev), yte[:nte].to(dev))
+    return dataclasses.replace(cfg, n_train=ntr, n_test=nte), DATA["cifar", cfg.data, dev, ntr, nte]
 
 
 def mnist_and_fashion(cfg, dev):
@@ -2364,15 +2625,13 @@ def load(path, device="cpu"):
     results.json names each model's file), MadryLab's robustness release (cifar_nat.pt, cifar_l2_0_5.pt) or
     RobustBench's CIFAR-10 ResNet-50 (Engstrom2019Robustness). It takes images in [0,1], (B, 3, 32, 32), and returns
     logits (B, 10): the convention of RobustBench, AutoAttack and torchattacks. Read with weights_only=True."""
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, or a file that needs code to unpickle (dill objects, ...)
-        raise AdvexError(f"cannot read {path} with weights_only=True ({why(e)}); if it is a trusted MadryLab file, "
-                         f"save its ['model'] state_dict alone with torch.save and pass that") from None
+    d = torch_load(path)
     if isinstance(d, dict) and isinstance(d.get("state_dict"), dict) and isinstance(d.get("arch"), str):
-        r, state = dict(arch=d["arch"], width=d.get("width", 64), classes=d.get("classes", 10)), d["state_dict"]
+        r = dict(arch=d["arch"], width=d.get("width", 64), classes=d.get("classes", 10), design=d.get("design"))
+        state = d["state_dict"]
     else:
-        r, state = dict(arch="resnet50", width=64, classes=10), _resnet50_state(d, path)
+        state = _resnet50_state(d, path)
+        r = dict(arch="resnet50", width=state["body.0.0.weight"].shape[0], classes=state["head.weight"].shape[0])
     model = new_model(r, torch.device(device))
     state = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **state}
     try:
@@ -2387,6 +2646,9 @@ def external_model(path, role, dev):
     """--standard-from / --robust-from: a loaded source model, keyed by its file's hash and named by its file."""
     model = load(path, dev)
     model.name, model.key = f"{role} (from {os.path.basename(path)})", dict(file=file_sha1(path), arch=model.arch)
+    model.file = path
+    if model.arch != "resnet50":
+        log(f"advex: note: --{role}-from {path} is a {model.arch}; the paper's numbers beside it are its ResNet-50's")
     return model
 
 
@@ -2399,24 +2661,25 @@ def load_released(folder):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise AdvexError(f"released dataset: {path} not found (expected CIFAR_ims and CIFAR_lab in {folder})")
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AdvexError(f"released dataset: cannot read {path} ({why(e)})") from None
+        t = torch_load(path)
         if isinstance(t, (list, tuple)) and t and all(isinstance(u, torch.Tensor) for u in t):
             t = torch.cat([u.reshape(-1, *u.shape[1:]) if u.dim() else u.view(1) for u in t])
         if not isinstance(t, torch.Tensor):
             raise AdvexError(f"released dataset: {path} holds {type(t).__name__}, not a tensor or list of tensors")
         parts.append(t)
-    ims, lab = parts
-    if ims.dim() != 4 or ims.shape[1:] != (3, 32, 32) or not ims.is_floating_point():
-        raise AdvexError(f"released dataset: CIFAR_ims is {ims.dtype} {tuple(ims.shape)}, expected float (N,3,32,32)")
-    if lab.dim() != 1 or len(lab) != len(ims) or lab.is_floating_point() and (lab != lab.round()).any():
-        raise AdvexError(f"released dataset: CIFAR_lab is {lab.dtype} {tuple(lab.shape)}, expected ({len(ims)},) class indices")
-    lab = lab.long()
-    if not torch.isfinite(ims).all() or ims.min() < 0 or ims.max() > 1 or lab.min() < 0 or lab.max() > 9:
-        raise AdvexError("released dataset: images must be finite in [0,1] and labels in 0..9")
-    return ims.float(), lab
+    (ims, lab), (ims_path, lab_path) = parts, (os.path.join(folder, "CIFAR_ims"), os.path.join(folder, "CIFAR_lab"))
+    problem = (f"{ims_path} holds {ims.dtype} {tuple(ims.shape)}, not float images (N,3,32,32)"
+               if ims.dim() != 4 or ims.shape[1:] != (3, 32, 32) or not ims.is_floating_point() else
+               f"{lab_path} holds {lab.dtype} {tuple(lab.shape)}, not ({len(ims)},) class indices (one per image)"
+               if lab.dim() != 1 or len(lab) != len(ims) or lab.is_floating_point() and (lab != lab.round()).any() else
+               f"{ims_path} holds values that are not finite" if not torch.isfinite(ims).all() else
+               f"{ims_path} holds pixels from {ims.min().item():g} to {ims.max().item():g}, not within [0,1]"
+               if ims.min() < 0 or ims.max() > 1 else
+               f"{lab_path} holds labels from {lab.min().item():g} to {lab.max().item():g}, not 0..9"
+               if lab.min() < 0 or lab.max() > 9 else "")
+    if problem:
+        raise AdvexError(f"released dataset: {problem}")
+    return ims.float(), lab.long()
 
 
 def export_dataset(cfg, name, ds):
@@ -2451,38 +2714,45 @@ def exp_report(cfg, dev):
     scale = cfg.scale or latest_scale(res)
     log(stage_table([s for s in res["stages"] if s["time"] >= cfg.since], time.time() - cfg.since if cfg.since else None))
     log(f"claims, scale {scale}" + (" (quick: tiny sizes; these verdicts mean nothing)" if scale == "quick" else "") + ":")
+    for e, why in res["not_run"].get(scale, {}).items():
+        log(f"not run: {e}: {why}")
+    records = [r for r in res["records"] if r["scale"] in (scale, "any")]
     log("\n".join(f"{verdict:8s} {claim} ({criterion}; ours: {ours or '-'}; run {run or '-'})"
-                  for claim, criterion, ours, verdict, run in check_claims([r for r in res["records"] if r["scale"] in (scale, "any")])))
+                  for claim, criterion, ours, verdict, run in check_claims(records, res["not_run"].get(scale, {}))))
     save_atomic(results_table(res, scale), os.path.join(cfg.out, "results.md"))
     return []
 
 
-SEC3 = "train eval adv inv rel con export standard_from robust_from"
-# name: (function, the Config fields it reads besides SHARED: names, name prefixes (adv: adv_*) or 'train')
+SEC3 = "train std eval adv inv rel con export standard_from robust_from"
+SEC3_RECORDS = ("standard", "robust", *CONSTRUCTIONS)  # the experiments ilyas records
+# name: (function, the Config fields it reads besides SHARED: names, name prefixes (adv: adv_*) or 'train',
+#        the datasets it needs: DATASETS)
 EXPERIMENTS = {
-    "standard": (exp_standard, "train eval standard_from"),
-    "robust": (exp_robust, "train eval adv robust_from"),
-    **{name: (functools.partial(exp_constructed, name=name), SEC3) for name in CONSTRUCTIONS},  # d_r, d_nr, d_rand, d_det
-    "ilyas": (exp_ilyas, SEC3),
-    "train-on": (exp_train_on, "train eval dataset"),
-    "mislabeled": (exp_mislabeled, "train mis"),
-    "mnist-fashion": (exp_mnist_fashion, "n_train n_test mnist momentum wd"),
-    "bugs": (exp_bugs, "train bugs standard_from"),
-    "squares": (exp_squares, "arch width squares"),
-    "leakage": (exp_leakage, "train leak adv_steps rel con standard_from"),
-    "transfer": (exp_transfer, "train transfer rel con standard_from"),
-    "frequency": (exp_frequency, "train adv freq standard_from robust_from"),
-    "linear-features": (exp_linear_features, "lin"),
-    "style": (exp_style, "train adv style content_image standard_from robust_from"),
-    "report": (exp_report, "since"),
+    "standard": (exp_standard, "train std eval standard_from", "cifar"),
+    "robust": (exp_robust, "train eval adv robust_from", "cifar"),
+    **{name: (functools.partial(exp_constructed, name=name), SEC3, "cifar") for name in CONSTRUCTIONS},  # d_r, ...
+    "ilyas": (exp_ilyas, SEC3, "cifar"),
+    "ablation": (exp_ablation, "train std eval", "cifar"),
+    "train-on": (exp_train_on, "train eval dataset", "cifar"),
+    "mislabeled": (exp_mislabeled, "mis width fastnet n_train n_test batch lr momentum wd augment", "cifar"),
+    "mnist-fashion": (exp_mnist_fashion, "n_train n_test mnist momentum wd", "mnist fashion"),
+    "bugs": (exp_bugs, "train bugs standard_from", "cifar"),
+    "squares": (exp_squares, "squares width fastnet", ""),
+    "leakage": (exp_leakage, "train std leak adv_steps rel con standard_from", "cifar"),
+    "transfer": (exp_transfer, "train std transfer rel con standard_from", "cifar"),
+    "frequency": (exp_frequency, "train adv freq standard_from robust_from", "cifar"),
+    "linear-features": (exp_linear_features, "lin", "cifar"),
+    "style": (exp_style, "train adv style content_image standard_from robust_from", "cifar"),
+    "report": (exp_report, "since", ""),
 }
-SHARED = ("data", "out", "download", "device", "compile", "attack_batch", "seed", "seeds", "scale")
-TRAIN = ("arch", "width", "n_train", "n_test", "epochs", "batch", "lr", "momentum", "wd", "augment")
+SHARED = ("data", "out", "download", "device", "precision", "compile", "attack_batch", "seed", "seeds", "scale")
+TRAIN = ("arch", "width", "fastnet_act", "fastnet_pool", "fastnet_scale", "n_train", "n_test", "epochs", "batch", "lr",
+         "momentum", "wd", "augment")
 
 
-def fields_read(experiment):
-    """The Config fields an experiment reads, SHARED first, in Config's order within each part."""
-    tokens = EXPERIMENTS[experiment][1].split() if experiment in EXPERIMENTS else []
+def fields_read(experiments):
+    """The Config fields some of the experiments read, SHARED first, in Config's order within each part."""
+    tokens = [t for e in experiments if e in EXPERIMENTS for t in EXPERIMENTS[e][1].split()]
     own = [f for f in CONFIG_FIELDS_ORDER if f not in SHARED and any(
         f == t or f.startswith(t + "_") or t == "train" and f in TRAIN for t in tokens)]
     return list(SHARED) + own
@@ -2513,15 +2783,15 @@ def _number(s):
 
 
 def parse_args(argv):
-    """(experiment, cfg): the flags parsed, the --scale preset applied to every field not given, every value checked."""
-    experiment = argv[0] if argv and argv[0] in EXPERIMENTS else None
-    reads, helps = fields_read(experiment), _field_help()
+    """(experiments, cfg): the flags parsed, the --scale preset applied to every field not given, every value checked."""
+    experiments = list(itertools.takewhile(lambda a: a in EXPERIMENTS, argv))
+    reads, helps = fields_read(experiments), _field_help()
     p = argparse.ArgumentParser(prog="advex.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog=f"experiments: {', '.join(EXPERIMENTS)}; `advex.py EXPERIMENT --help` lists "
-                                       f"the flags it reads. Other flags are accepted (run_all.sh passes its flags to "
-                                       f"every line) and ignored with a note.")
+                                       f"the flags it reads. Several experiments run one after the other in one process "
+                                       f"(run_all.sh); a flag none of them reads is accepted and ignored with a note.")
     p.error = lambda msg: (_ for _ in ()).throw(AdvexError(msg))  # one line, exit 2 (see main)
-    p.add_argument("experiment", choices=list(EXPERIMENTS), help="what to run")
+    p.add_argument("experiments", nargs="+", choices=list(EXPERIMENTS), metavar="EXPERIMENT", help="what to run, in order")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for name in reads + [f for f in CONFIG_FIELDS_ORDER if f not in reads]:
         f, flag = fields[name], "--" + name.replace("_", "-")
@@ -2533,22 +2803,24 @@ def parse_args(argv):
         typ = (lambda s, t=typ: tuple(t(v) for v in s.split(",") if v.strip())) if f.type is tuple else typ
         p.add_argument(flag, dest=name, type=typ, default=None, help=text, **(dict(nargs="?", const=True) if f.type is bool else {}))
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    experiment = given.pop("experiment")
+    experiments = given.pop("experiments")
+    if len(set(experiments)) < len(experiments):
+        raise AdvexError(f"each experiment once, please: {' '.join(experiments)}")
     unused = [k for k in given if k not in reads]
     if unused:
-        log(f"advex: note: {experiment} does not read {', '.join('--' + k.replace('_', '-') for k in unused)}")
+        log(f"advex: note: {' '.join(experiments)} does not read {', '.join('--' + k.replace('_', '-') for k in unused)}")
     cfg = Config(**given)
     check_config(cfg)  # --scale first of all
     cfg = dataclasses.replace(cfg, **{k: v for k, v in SCALES[cfg.scale].items() if k not in given})
     if cfg.inv_method == "paper":  # the paper's 1000 steps of 0.1, unless the steps or the step are given
         cfg = dataclasses.replace(cfg, inv_steps=given.get("inv_steps", 1000), inv_step=given.get("inv_step", 0.1))
-    check_config(cfg, experiment)
-    if experiment == "report" and "scale" not in given:
-        cfg = dataclasses.replace(cfg, scale="")  # report: the latest run's scale
-    return experiment, cfg
+    check_config(cfg, experiments)
+    if experiments == ["report"] and "scale" not in given:
+        cfg = dataclasses.replace(cfg, scale="")  # report alone: the latest run's scale
+    return experiments, cfg
 
 
-def check_config(cfg, experiment=None):
+def check_config(cfg, experiments=None):
     """Every setting checked before any data is read or any model trained: one clear error, exit 2. Each field's
     allowed values are beside it in Config (a number without knob(...) must be finite and > 0)."""
     for f in dataclasses.fields(Config):
@@ -2565,58 +2837,71 @@ def check_config(cfg, experiment=None):
                 raise AdvexError(f"unknown {flag} {u!r}")
             if rule == "file" and u and not os.path.isfile(u):
                 raise AdvexError(f"{flag} {u}: " + ("is a folder, not a file" if os.path.isdir(u) else "no such file"))
-    if experiment is None:
+    if experiments is None:
         return
-    if cfg.transfer_source not in cfg.transfer_archs or len(set(cfg.transfer_archs)) < len(cfg.transfer_archs):
-        raise AdvexError(f"--transfer-archs {','.join(cfg.transfer_archs)} must list each architecture once, the source "
-                         f"--transfer-source {cfg.transfer_source} among them (Fig. 3's self-transfer point)")
+    source = load(cfg.standard_from).arch if cfg.standard_from else cfg.std_arch
+    if len(set(cfg.transfer_archs)) < len(cfg.transfer_archs) or "transfer" in experiments and source not in cfg.transfer_archs:
+        raise AdvexError(f"--transfer-archs {','.join(cfg.transfer_archs)} must list each architecture once, the standard "
+                         f"source's ({source}) among them (Fig. 3's self-transfer point)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise AdvexError(f"--device {cfg.device} asked for, but CUDA is not available on this machine")
     if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
         raise AdvexError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if experiment == "transfer" and cfg.standard_from and cfg.transfer_source != "resnet50":
-        raise AdvexError("transfer: --standard-from is a ResNet-50, so it needs --transfer-source resnet50")
-    if experiment == "train-on" and not cfg.dataset:
+    if "train-on" in experiments and not cfg.dataset:
         raise AdvexError("train-on needs --dataset DIR (a folder with CIFAR_ims and CIFAR_lab)")
-    if experiment == "train-on" and not all(os.path.isfile(os.path.join(cfg.dataset, f)) for f in ("CIFAR_ims", "CIFAR_lab")):
+    if "train-on" in experiments and not all(os.path.isfile(os.path.join(cfg.dataset, f)) for f in ("CIFAR_ims", "CIFAR_lab")):
         raise AdvexError(f"--dataset {cfg.dataset}: expected the files CIFAR_ims and CIFAR_lab in it")
-    if experiment == "report":
-        read_results(cfg.out, must_exist=True)
-        return
+    read_results(cfg.out, must_exist=experiments == ["report"])  # report alone: before making a folder
     for folder, what in ((cfg.out, "--out"), (cfg.export, "--export")):
-        try:  # creatable and writable, before hours of training find out it is not
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-                open(os.path.join(folder, f".write-test{os.getpid()}"), "w").close()
-                os.remove(os.path.join(folder, f".write-test{os.getpid()}"))
-        except OSError as e:
-            raise AdvexError(f"{what} {folder} is not a writable folder ({why(e)})") from None
-    read_results(cfg.out)
+        if folder:  # creatable and writable, before hours of training (or report's work) find out it is not
+            writable(folder, what)
     for path in (cfg.style_image, cfg.content_image):
         if path:
             read_image(path)
-    for path in (cfg.standard_from, cfg.robust_from):
-        if path:
-            load(path)
+    if cfg.robust_from:
+        load(cfg.robust_from)
+
+
+def writable(folder, what):
+    """An error unless `folder` is (or can be made) a folder this process can write to."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f".write-test{os.getpid()}"), "w").close()
+        os.remove(os.path.join(folder, f".write-test{os.getpid()}"))
+    except OSError as e:
+        raise AdvexError(f"{what} {folder} is not a writable folder ({why(e)})") from None
 
 
 def device_name(dev):
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def warn_if_slow(cfg, dev, experiment):
+def warn_if_slow(cfg, dev, experiments):
     """A full-size run on a CPU says up front what its first model alone costs here, measured, and goes on."""
-    if cfg.scale != "full" or dev.type != "cpu" or experiment in ("report", "mnist-fashion", "linear-features"):
+    if cfg.scale != "full" or dev.type != "cpu" or set(experiments) <= {"report", "mnist-fashion", "linear-features", "squares"}:
         return
-    model, x = make_model(cfg.arch, cfg.width), torch.rand(32, 3, 32, 32)
-    for _ in range(2):  # the second step is the one timed (main() counts the FLOPs)
-        t0, f0 = time.time(), FLOPS[0]
+    model, x = make_model(cfg.std_arch, cfg.width), torch.rand(32, 3, 32, 32)
+    for _ in range(2):  # the second step is the one timed
+        t0 = time.time()
         F.cross_entropy(model(x), torch.zeros(32, dtype=torch.long)).backward()
-    rate, first = (FLOPS[0] - f0) / (time.time() - t0), (FLOPS[0] - f0) / 32 * 50000 * cfg.epochs
-    log(f"advex: warning: full size on a CPU. Its first model alone ({cfg.epochs} epochs of 50,000 images, {cfg.arch}) is "
+    flops = 3 * flops_per_image(model, x)  # per image and training step: forward and backward
+    rate, first = flops * 32 / (time.time() - t0), flops * 50000 * cfg.std_epochs
+    log(f"advex: warning: full size on a CPU. The standard source alone ({cfg.std_epochs} epochs of 50,000 images, {cfg.std_arch}) is "
         f"{first / 1e15:.2f} PFLOP of counted work: ~{fmt_time(first / rate)} at the {rate / 1e9:.0f} GFLOP/s measured here; "
-        f"`{experiment}` does more besides (README, Speed). `--scale cpu` runs every claim on this machine in ~45 minutes. "
-        f"Starting anyway.")
+        f"the rest of the run does more besides (README, Speed). `--scale cpu` runs every claim on this machine in "
+        f"~45 minutes. Starting anyway.")
+
+
+def data_missing(cfg, needs):
+    """Why an experiment that needs the datasets `needs` (DATASETS' names) cannot run here (after a download where
+    allowed), or ''."""
+    try:
+        for name in needs.split():
+            dataset, folder, files = DATASETS[name]
+            need_files(dataset, cfg.data, os.path.join(cfg.data, folder), files, cfg.download)
+    except AdvexError as e:
+        return str(e)
+    return ""
 
 
 def cli(run, prog):
@@ -2638,30 +2923,47 @@ def cli(run, prog):
 
 def main(argv=None):
     def run():
-        experiment, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        experiments, cfg = parse_args(sys.argv[1:] if argv is None else argv)
         dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                            "cpu" if cfg.device == "auto" else cfg.device)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        with flops_counted():
-            if experiment == "report":
-                return exp_report(cfg, dev)
-            warn_if_slow(cfg, dev, experiment)
-            t0 = time.time()
-            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-                c = dataclasses.replace(cfg, seed=seed)
-                log(f"advex {experiment} seed {seed} on {device_name(dev)}, scale {cfg.scale}")
-                STAGES.clear()
-                RUNS.clear()
-                MEMO.clear()  # an artifact changed between two in-process calls is read again
-                records = EXPERIMENTS[experiment][0](c, dev)
-                stages = [dict(s, device=device_name(dev), seed=seed, experiment=experiment) for s in STAGES]
-                write_results(cfg.out, records, RUNS, stages, cfg.scale)
-                for r in records:
-                    log(f"  {r['experiment']:24s} {r['metric']:50s} {r['value']:9.2f}" +
-                        ("" if r["paper"] is None else f"   (paper {r['paper']:g})"))
-            log(f"advex {experiment}: {fmt_time(time.time() - t0)}; results in {cfg.out}/results.md")
+        bf16 = cfg.precision == "auto" and (dev.type == "cuda" or cpu_has_amx())
+        cfg = dataclasses.replace(cfg, precision="bf16" if bf16 else "fp32")  # what ran, in every key
+        remove_stale_temporaries(cfg.out)
+        MEMO.clear()  # an artifact or dataset changed between two in-process calls is read again
+        DATA.clear()
+        PROVENANCE.clear()
+        missing = {e: why for e in experiments if (why := data_missing(cfg, EXPERIMENTS[e][2]))}
+        if len(experiments) == 1 and missing:
+            raise AdvexError(missing[experiments[0]])
+        for e, why in missing.items():  # the others run; the report says what did not and why
+            log(f"advex: not running {e}: {why}")
+        if missing:
+            write_results(cfg.out, [], {}, scale=cfg.scale, not_run=missing)
+        t0 = time.time()
+        with bf16_on(dev.type, bf16):
+            warn_if_slow(cfg, dev, experiments)
+            for experiment in (e for e in experiments if e not in missing):
+                if experiment == "report":
+                    exp_report(dataclasses.replace(cfg, since=cfg.since or (t0 if len(experiments) > 1 else 0)), dev)
+                    continue
+                t1 = time.time()
+                for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+                    c = dataclasses.replace(cfg, seed=seed)
+                    log(f"advex {experiment} seed {seed} on {device_name(dev)}, scale {cfg.scale}")
+                    STAGES.clear()
+                    RUNS.clear()
+                    records = EXPERIMENTS[experiment][0](c, dev)
+                    stages = [dict(s, device=device_name(dev), seed=seed, experiment=experiment) for s in STAGES]
+                    write_results(cfg.out, records, RUNS, stages, cfg.scale, not_run={experiment: None})
+                    for r in records:
+                        log(f"  {r['experiment']:24s} {r['metric']:50s} {r['value']:9.2f}" +
+                            ("" if r["paper"] is None else f"   (paper {r['paper']:g})"))
+                log(f"advex {experiment}: {fmt_time(time.time() - t1)}; results in {cfg.out}/results.md")
+        if missing:
+            raise AdvexError(f"not run for want of data: {', '.join(missing)} (the rest ran; {cfg.out}/results.md says why)")
 
     cli(run, "advex")
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every advex experiment, one line per result. Results: OUT/results.md (the table beside the paper's numbers,
-# the claims and their verdicts), OUT/results.json, PNG figures in OUT (default runs/). Artifacts in
-# OUT/artifacts/ are reused, so an interrupted run resumes where it stopped. It ends with where the time went.
+# Every advex experiment. Results: OUT/results.md (the table beside the paper's numbers, the claims and their
+# verdicts), OUT/results.json, PNG figures in OUT (default runs/). Artifacts in OUT/artifacts/ are reused, so an
+# interrupted run resumes where it stopped. It ends with where the time went. The advex experiments run in one
+# process (data read once, each shape tuned once); an experiment whose dataset is missing is NOT RUN, the others
+# run, and the script then exits non-zero.
 #   QUICK=1 bash run_all.sh            # tiny sizes, CPU, about a minute: checks the code path (numbers meaningless)
-#   SCALE=cpu bash run_all.sh          # laptop scale: every claim on real data on a 2-core CPU in ~45 minutes
+#   SCALE=cpu bash run_all.sh          # laptop scale: every claim on real data on a 2-core CPU (README: Laptop scale)
 #   bash run_all.sh                    # full size (one GPU)
-#   bash run_all.sh --data /path/to/data --seeds 3 --out DIR     # extra flags go to every advex.py line
+#   bash run_all.sh --data /path/to/data --seeds 3 --out DIR     # extra flags go to advex.py (and --out to toy2d.py)
 #   PYTHON=/path/to/python bash run_all.sh                        # default: python3
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,7 +18,7 @@ PY=${PYTHON:-python3}
 }
 args=("$@")
 if [ "${QUICK:-0}" = 1 ]; then args+=(--scale quick); elif [ -n "${SCALE:-}" ]; then args+=(--scale "$SCALE"); fi
-out=runs  # the --out the advex lines get, for toy2d.py
+out=runs  # the --out advex.py gets, for toy2d.py
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
     --out) out="${args[i + 1]:-runs}" ;;
@@ -25,15 +27,18 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 start=$(date +%s)
 
-"$PY" advex.py ilyas "${args[@]}"          # Sec. 3: the standard and the robust model, D_R, D_NR, D_rand, D_det, four fresh models; fig2.png, table1.png
-"$PY" toy2d.py --out "$out"                # Wallace's 2D toy over 100 seeds, OUT/toy2d.png
-"$PY" advex.py mislabeled --arch resnet18 "${args[@]}"   # Wallace: learning only from a ResNet-18's errors
-"$PY" advex.py mnist-fashion "${args[@]}"  # Wallace: an MNIST CNN's labels on Fashion-MNIST teach MNIST
-"$PY" advex.py bugs "${args[@]}"           # Nakkiran: non-transferable adversarial examples teach nothing
-"$PY" advex.py squares --arch resnet18 "${args[@]}"      # Nakkiran: adversarial squares (his ResNet-18)
-"$PY" advex.py leakage "${args[@]}"        # Goh: robust feature leakage into D_rand, not D_det
-"$PY" advex.py transfer "${args[@]}"       # Ilyas Fig. 3: transfer rate vs learnability across architectures
-"$PY" advex.py frequency "${args[@]}"      # Gilmer & Hendrycks: filtered training, Fourier heat maps, fog / contrast / noise
-"$PY" advex.py linear-features "${args[@]}"  # Goh: useful non-robust linear features, trucks vs frogs
-"$PY" advex.py style "${args[@]}"          # Nakano: layer robustness and style transfer, standard vs robust model
-"$PY" advex.py report --since "$start" "${args[@]}"      # where the time went; the claims and their verdicts
+experiments=(
+  ilyas            # Sec. 3: the standard and the robust model, D_R, D_NR, D_rand, D_det, four fresh models; fig2.png, table1.png
+  mislabeled       # Wallace: learning only from a ResNet-18's errors
+  mnist-fashion    # Wallace: an MNIST CNN's labels on Fashion-MNIST teach MNIST (needs MNIST and Fashion-MNIST)
+  bugs             # Nakkiran: non-transferable adversarial examples teach nothing
+  squares          # Nakkiran: adversarial squares (his ResNet-18; no dataset)
+  leakage          # Goh: robust feature leakage into D_rand, not D_det
+  transfer         # Ilyas Fig. 3: transfer rate vs learnability across architectures
+  frequency        # Gilmer & Hendrycks: filtered training, Fourier heat maps, fog / contrast / noise
+  linear-features  # Goh: useful non-robust linear features, trucks vs frogs
+  style            # Nakano: layer robustness and style transfer, standard vs robust model
+  report           # where the time went (since this script started); the claims and their verdicts
+)
+"$PY" toy2d.py --out "$out"                                    # Wallace's 2D toy over 100 seeds, OUT/toy2d.png (CPU)
+"$PY" advex.py "${experiments[@]}" --since "$start" "${args[@]}"  # everything else, in the order above
