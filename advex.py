@@ -854,8 +854,14 @@ def standard_model(cfg, dev, data):
     recipe (or --standard-from: the paper's own, MadryLab's cifar_nat.pt)."""
     if cfg.standard_from:
         return external_model(cfg.standard_from, "standard", dev)
-    return train_model(cfg, dev, "standard", data[0], data[1], recipe(
-        cfg, arch=cfg.std_arch, epochs=cfg.std_epochs, augment=cfg.std_augment != "none", pad=4 * (cfg.std_augment == "crop+flip")))
+    return train_model(cfg, dev, "standard", data[0], data[1], standard_recipe(cfg))
+
+
+def standard_recipe(cfg):
+    """The standard source's recipe: the standard one with its own architecture, epochs and augmentation (crops are
+    padded by 4 pixels; 'flip': flips only)."""
+    return recipe(cfg, arch=cfg.std_arch, epochs=cfg.std_epochs, augment=cfg.std_augment != "none",
+                  pad=4 * (cfg.std_augment == "crop+flip"))
 
 
 def natural_model(cfg, dev, data):
@@ -1675,7 +1681,7 @@ def stage(cfg, name, run, settings=None, inputs=(), models=(), title=None):
     The stage's seconds and FLOPs (without those of stages inside it) go to the stage table. Returns the stored dict
     (on the CPU) with 'key' (its key's contents) and 'file' (its path)."""
     key = dict(settings or {}, stage=name, inputs=fingerprint(*inputs), models=[m.key for m in models], seed=cfg.seed,
-               code=CODE)
+               precision=cfg.precision, code=CODE)
     title = title or name
     slug = re.sub(r"[^\w.]+", "-", title).strip("-")  # 'standard (fastnet)' -> standard-fastnet
     path = os.path.join(cfg.out, "artifacts", f"{slug}-s{cfg.seed}-{settings_key(key)}.pt")
@@ -1809,8 +1815,11 @@ def flops_per_image(module, x):
         n[0] += 2 * out.numel() * per_output
 
     hooks = [m.register_forward_hook(leaf) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was = module.training
+    module.eval()  # BatchNorm's running statistics stay as they are
     with torch.no_grad():
         type(module).forward(module, x[:1])  # not __call__ (no count_flops) nor a compiled forward (no new shape)
+    module.train(was)
     for h in hooks:
         h.remove()
     return n[0]
@@ -1944,7 +1953,7 @@ def results_table(res, scale):
     if scale == "quick":
         lines += ["**Quick scale: tiny sizes that test the code path. These numbers mean nothing about the papers' "
                   "claims; the verdicts below are not results.**", ""]
-    lines += [f"Data: {name}, {copy}." for name, copy in res.get("data", {}).items()] + [""] if res.get("data") else []
+    lines += [f"Data (the latest run's): {name}, {copy}." for name, copy in res["data"].items()] + [""] if res.get("data") else []
     lines += ["Mean ± std over seeds (n). One row per experiment, metric, architecture and run settings (the `run` "
               "column; what each run changed from the full-size defaults is listed below the table)." +
               (f" results.json also holds scale {', '.join(others)} (`advex.py report --scale S`)." if others else ""),
@@ -1964,7 +1973,7 @@ def results_table(res, scale):
         lines.append(md_row(run, s.get("scale", ""), diff or "none"))
     not_run = res["not_run"].get(scale, {})
     if not_run:
-        lines += ["", "## Not run", "", "Experiments of the latest run at this scale that could not run here:", ""]
+        lines += ["", "## Not run", "", "Experiments that could not run here, at their latest attempt at this scale:", ""]
         lines += [f"- `{e}`: {why}" for e, why in not_run.items()]
     lines += ["", "## Claims", "", f"Each claim of the paper and the responses, its criterion, our values (mean over "
               f"seeds) from one run of scale {scale} (the latest that has any of them) and the verdict. MIXED: that run "
@@ -2559,10 +2568,11 @@ def cifar_full(cfg):
     (PROVENANCE); the md5 sums are computed, and a copy that differs is warned about, once per --out and --data."""
     if ("cifar", cfg.data) not in DATA:
         DATA["cifar", cfg.data] = load_cifar10(cfg.data, cfg.download, warn=False)
-        seen = os.path.join(cfg.out, "artifacts", f".cifar-checked-{settings_key(os.path.abspath(cfg.data))}")
-        official = open(seen).read().startswith("official") if os.path.isfile(seen) else cifar_official(
+        seen = os.path.join(cfg.out, "artifacts", f".cifar-copy-{settings_key(os.path.abspath(cfg.data))}")
+        known = open(seen).read() if os.path.isfile(seen) else ""
+        official = known == "official\n" if known in ("official\n", "not official\n") else cifar_official(
             os.path.join(cfg.data, DATASETS["cifar"][1]))
-        if not os.path.isfile(seen) and not official:
+        if not known and not official:
             log(f"advex: warning: CIFAR-10 in {cfg.data} differs from the official md5 sums (a re-encoded copy?); using it")
         save_atomic("official\n" if official else "not official\n", seen)
         PROVENANCE["CIFAR-10"] = (f"the official files (md5 sums match), {cfg.data}" if official else
@@ -2732,7 +2742,7 @@ EXPERIMENTS = {
     "robust": (exp_robust, "train eval adv robust_from", "cifar"),
     **{name: (functools.partial(exp_constructed, name=name), SEC3, "cifar") for name in CONSTRUCTIONS},  # d_r, ...
     "ilyas": (exp_ilyas, SEC3, "cifar"),
-    "ablation": (exp_ablation, "train std eval", "cifar"),
+    "ablation": (exp_ablation, "eval width n_train n_test epochs batch lr momentum wd", "cifar"),
     "train-on": (exp_train_on, "train eval dataset", "cifar"),
     "mislabeled": (exp_mislabeled, "mis width fastnet n_train n_test batch lr momentum wd augment", "cifar"),
     "mnist-fashion": (exp_mnist_fashion, "n_train n_test mnist momentum wd", "mnist fashion"),
@@ -2892,13 +2902,11 @@ def warn_if_slow(cfg, dev, experiments):
         f"~45 minutes. Starting anyway.")
 
 
-def data_missing(cfg, needs):
-    """Why an experiment that needs the datasets `needs` (DATASETS' names) cannot run here (after a download where
-    allowed), or ''."""
+def data_missing(cfg, name):
+    """Why the dataset `name` (of DATASETS) is not there to use (after a download where allowed), or ''."""
+    dataset, folder, files = DATASETS[name]
     try:
-        for name in needs.split():
-            dataset, folder, files = DATASETS[name]
-            need_files(dataset, cfg.data, os.path.join(cfg.data, folder), files, cfg.download)
+        need_files(dataset, cfg.data, os.path.join(cfg.data, folder), files, cfg.download)
     except AdvexError as e:
         return str(e)
     return ""
@@ -2935,7 +2943,8 @@ def main(argv=None):
         MEMO.clear()  # an artifact or dataset changed between two in-process calls is read again
         DATA.clear()
         PROVENANCE.clear()
-        missing = {e: why for e in experiments if (why := data_missing(cfg, EXPERIMENTS[e][2]))}
+        problem = {d: data_missing(cfg, d) for e in experiments for d in EXPERIMENTS[e][2].split()}  # once per dataset
+        missing = {e: why for e in experiments if (why := "; ".join(problem[d] for d in EXPERIMENTS[e][2].split() if problem[d]))}
         if len(experiments) == 1 and missing:
             raise AdvexError(missing[experiments[0]])
         for e, why in missing.items():  # the others run; the report says what did not and why

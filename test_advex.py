@@ -532,7 +532,7 @@ def test_cli_standard_and_robust_quick(data_dir, tmp_path, capsys):
     assert got[("standard", "robust acc L2 0.25")]["paper"] is None  # the paper's 4.5 is under its weaker attack
     table = open(tmp_path / "results.md").read()
     assert "| robust | robust acc L2 0.25 | fastnet |" in table and "82.3" in table
-    assert "Data: CIFAR-10, NOT the official files: their md5 sums differ (a re-encoded copy" in table  # which copy
+    assert "Data (the latest run's): CIFAR-10, NOT the official files: their md5 sums differ (a re-encoded" in table
     assert not any(".tmp" in c for c in os.listdir(tmp_path / "artifacts"))
     res = json.load(open(tmp_path / "results.json"))
     assert {s["stage"] for s in res["stages"]} >= {"standard (fastnet)", "robust (fastnet)", "eval robust (fastnet)"}
@@ -722,14 +722,17 @@ def test_the_standard_source_is_the_papers_kind():
     standard crop-and-flip augmentation at full size."""
     for scale, preset in advex.SCALES.items():
         cfg = advex.dataclasses.replace(advex.Config(), **preset)
-        model = advex.new_model(advex.recipe(cfg, arch=cfg.std_arch, epochs=cfg.std_epochs), torch.device("cpu"))
+        r = advex.standard_recipe(cfg)
+        model = advex.new_model(r, torch.device("cpu"))
         kinds = {type(m) for m in model.modules()}
         assert torch.nn.ReLU in kinds and torch.nn.GELU not in kinds, scale
         h = torch.rand(2, 3, 32, 32)
         assert torch.allclose(model.features(h), model.body(model.normalize(h)).mean(dim=(2, 3)), atol=1e-6), scale
         if scale != "quick":
-            assert cfg.std_epochs >= (30 if scale == "full" else 2 * cfg.epochs), scale
-    assert advex.Config.std_arch == "resnet18" and advex.Config.std_augment
+            assert r["epochs"] >= (30 if scale == "full" else 2 * cfg.epochs), scale
+    r = advex.standard_recipe(advex.Config())
+    assert (r["arch"], r["augment"], r["pad"]) == ("resnet18", True, 4)  # full size: the standard crops and flips
+    assert advex.standard_recipe(advex.dataclasses.replace(advex.Config(), std_augment="flip"))["pad"] == 0
 
 
 def test_ablation_trains_each_variant_as_named(data_dir, tmp_path, monkeypatch):
@@ -1473,6 +1476,9 @@ def test_flops_are_torchs_count_and_are_counted_once_per_pass(arch):
     from torch.utils.flop_counter import FlopCounterMode
     model = advex.new_model(dict(arch=arch, width=8), torch.device("cpu"))
     x = torch.rand(6, 3, 32, 32)
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    advex.flops_per_image(model.body.train(), x)  # measuring in a training step leaves BatchNorm's statistics alone
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items()) and model.body.training
     with torch.no_grad():
         model(x[:1])  # the first pass measures the FLOPs per image (one more pass of one image)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
