@@ -2565,13 +2565,16 @@ def first_n(n, size, flag):
 
 def cifar_full(cfg):
     """All of CIFAR-10 on the CPU, read once per process. Whether it is the official copy goes to results.md
-    (PROVENANCE); the md5 sums are computed, and a copy that differs is warned about, once per --out and --data."""
+    (PROVENANCE); the md5 sums are computed, and a copy that differs is warned about, once per --out and copy (its
+    folder, file sizes and modification times)."""
     if ("cifar", cfg.data) not in DATA:
         DATA["cifar", cfg.data] = load_cifar10(cfg.data, cfg.download, warn=False)
-        seen = os.path.join(cfg.out, "artifacts", f".cifar-copy-{settings_key(os.path.abspath(cfg.data))}")
+        folder = os.path.join(cfg.data, DATASETS["cifar"][1])
+        files = [os.stat(os.path.join(folder, n)) for n in CIFAR_FILES]  # a replaced copy gets a new marker
+        marker = settings_key([os.path.abspath(folder)] + [(f.st_size, f.st_mtime_ns) for f in files])
+        seen = os.path.join(cfg.out, "artifacts", f".cifar-copy-{marker}")
         known = open(seen).read() if os.path.isfile(seen) else ""
-        official = known == "official\n" if known in ("official\n", "not official\n") else cifar_official(
-            os.path.join(cfg.data, DATASETS["cifar"][1]))
+        official = known == "official\n" if known in ("official\n", "not official\n") else cifar_official(folder)
         if not known and not official:
             log(f"advex: warning: CIFAR-10 in {cfg.data} differs from the official md5 sums (a re-encoded copy?); using it")
         save_atomic("official\n" if official else "not official\n", seen)

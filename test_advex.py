@@ -266,6 +266,24 @@ def test_cifar_loader_reads_the_pickled_batches(data_dir, capsys):
     assert "md5" not in capsys.readouterr().out
 
 
+def test_cifar_copy_is_checked_once_per_copy_and_again_when_replaced(tmp_path, monkeypatch):
+    write_cifar(str(tmp_path / "data"))
+    cfg = advex.Config(data=str(tmp_path / "data"), out=str(tmp_path / "out"), download=False)
+    checked = []
+    monkeypatch.setattr(advex, "cifar_official", lambda folder: checked.append(folder) or False)
+    monkeypatch.setattr(advex, "DATA", {})
+    monkeypatch.setattr(advex, "PROVENANCE", {})
+    for _ in range(2):  # a second process (an empty DATA) reads the marker instead of the md5 sums
+        advex.DATA.clear()
+        advex.cifar_full(cfg)
+    assert len(checked) == 1 and "NOT the official files" in advex.PROVENANCE["CIFAR-10"]
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "test_batch"
+    os.utime(batch, ns=(batch.stat().st_atime_ns, batch.stat().st_mtime_ns + 10**9))  # the copy was replaced
+    advex.DATA.clear()
+    advex.cifar_full(cfg)
+    assert len(checked) == 2
+
+
 class Payload:  # what a malicious batch file could hold: unpickling it would run os.system
     def __init__(self, marker):
         self.marker = marker
