@@ -5,7 +5,7 @@ responses of the Distill 2019 discussion around it, in one file you can read top
     python advex.py ilyas --scale cpu          # laptop scale, real data: all of run_all.sh in ~45 min on 2 CPU cores
     python advex.py ilyas                      # full size: one GPU (README: Speed)
     python advex.py EXPERIMENT --help          # the flags EXPERIMENT reads, with their units
-    model = advex.load("runs/artifacts/standard-fastnet-s0-....pt")   # from Python: [0,1] images in, logits out
+    model = advex.load("runs/artifacts/robust-fastnet-s0-....pt")     # from Python: [0,1] images in, logits out
 
 The file in order. The science first, in the paper's order: Config; Data; Models; Attacks (PGD); Inversion (Sec. 3.1);
 Relabelling (Sec. 3.2); Training; Evaluation; Experiments (Ilyas Sec. 3 and Fig. 3, then the responses: Wallace,
@@ -360,7 +360,7 @@ class LinearNet(Net):
 
 def make_model(arch, width=64, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, design=None):
     """A fresh model by name (CIFAR-sized: 32x32x3 inputs in [0,1], unless mean/std say otherwise); design: FastNet's
-    act / pool / scale (default: airbench's)."""
+    act / pool / scale (default: airbench's, FastNet's own; the CLI's Config default is the plain design)."""
     if arch == "fastnet":
         return FastNet(width, classes, mean, std, **(design or {}))
     if arch in ("resnet18", "resnet50"):
@@ -1742,10 +1742,11 @@ def save_atomic(obj, path):
         raise AdvexError(f"cannot write {path} ({why(e)})") from None
 
 
-def remove_stale_temporaries(out):
-    """Delete the PATH.tmpPID files in OUT and OUT/artifacts that a process which is no longer running left behind
-    (killed mid-write); a running process's temporaries are left alone."""
-    for folder in (out, os.path.join(out, "artifacts")):
+def remove_stale_temporaries(cfg):
+    """Delete the PATH.tmpPID files in OUT, OUT/artifacts and --export's dataset folders that a process which is no
+    longer running left behind (killed mid-write); a running process's temporaries are left alone."""
+    exported = os.listdir(cfg.export) if cfg.export and os.path.isdir(cfg.export) else []
+    for folder in [cfg.out, os.path.join(cfg.out, "artifacts")] + [os.path.join(cfg.export, n) for n in exported]:
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             pid = re.search(r"\.tmp(\d+)$", name)
             if pid and not pid_alive(int(pid[1])):
@@ -2732,7 +2733,7 @@ def exp_report(cfg, dev):
     records = [r for r in res["records"] if r["scale"] in (scale, "any")]
     log("\n".join(f"{verdict:8s} {claim} ({criterion}; ours: {ours or '-'}; run {run or '-'})"
                   for claim, criterion, ours, verdict, run in check_claims(records, res["not_run"].get(scale, {}))))
-    save_atomic(results_table(res, scale), os.path.join(cfg.out, "results.md"))
+    write_results(cfg.out, [], {}, scale=scale)  # results.md for that scale, under the lock like every write
     return []
 
 
@@ -2890,7 +2891,7 @@ def device_name(dev):
 
 
 def warn_if_slow(cfg, dev, experiments):
-    """A full-size run on a CPU says up front what its first model alone costs here, measured, and goes on."""
+    """A full-size run on a CPU says up front what one of its models costs here, measured, and goes on."""
     if cfg.scale != "full" or dev.type != "cpu" or set(experiments) <= {"report", "mnist-fashion", "linear-features", "squares"}:
         return
     model, x = make_model(cfg.std_arch, cfg.width), torch.rand(32, 3, 32, 32)
@@ -2899,10 +2900,10 @@ def warn_if_slow(cfg, dev, experiments):
         F.cross_entropy(model(x), torch.zeros(32, dtype=torch.long)).backward()
     flops = 3 * flops_per_image(model, x)  # per image and training step: forward and backward
     rate, first = flops * 32 / (time.time() - t0), flops * 50000 * cfg.std_epochs
-    log(f"advex: warning: full size on a CPU. The standard source alone ({cfg.std_epochs} epochs of 50,000 images, {cfg.std_arch}) is "
-        f"{first / 1e15:.2f} PFLOP of counted work: ~{fmt_time(first / rate)} at the {rate / 1e9:.0f} GFLOP/s measured here; "
-        f"the rest of the run does more besides (README, Speed). `--scale cpu` runs every claim on this machine in "
-        f"~45 minutes. Starting anyway.")
+    log(f"advex: warning: full size on a CPU. One model of it, the standard source ({cfg.std_epochs} epochs of 50,000 images, "
+        f"{cfg.std_arch}), is {first / 1e15:.2f} PFLOP of counted work: ~{fmt_time(first / rate)} at the {rate / 1e9:.0f} "
+        f"GFLOP/s measured here, a yardstick for the models this run trains (README, Speed). `--scale cpu` runs every "
+        f"claim on a 2-core CPU in LAPTOP_TIME. Starting anyway.")
 
 
 def data_missing(cfg, name):
@@ -2942,7 +2943,7 @@ def main(argv=None):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         bf16 = cfg.precision == "auto" and (dev.type == "cuda" or cpu_has_amx())
         cfg = dataclasses.replace(cfg, precision="bf16" if bf16 else "fp32")  # what ran, in every key
-        remove_stale_temporaries(cfg.out)
+        remove_stale_temporaries(cfg)
         MEMO.clear()  # an artifact or dataset changed between two in-process calls is read again
         DATA.clear()
         PROVENANCE.clear()

@@ -1040,7 +1040,9 @@ def test_a_write_that_fails_mid_run_is_one_line_and_leaves_nothing_behind(tmp_pa
     assert leftovers() == []
     (out / "artifacts" / "x.pt.tmp999999999").write_text("a killed process's")
     (out / "artifacts" / f"y.pt.tmp{os.getpid()}").write_text("a running process's")
-    advex.main(args)
+    (out / "ex" / "d_r-s0").mkdir(parents=True)
+    (out / "ex" / "d_r-s0" / "CIFAR_ims.tmp999999999").write_text("a killed export's")
+    advex.main(args + ["--export", str(out / "ex")])
     assert leftovers() == [f"y.pt.tmp{os.getpid()}"]
 
 
