@@ -181,7 +181,7 @@ def test_pgd_keeps_the_highest_loss_iterate(trained_tiny):
         losses = torch.stack([ce(z) for z in seen])  # (7 iterates incl. the start, N)
         preds = torch.stack([model(z).argmax(1) for z in seen])
         assert torch.allclose(ce(xa), losses.max(0).values, atol=1e-5)
-        assert (ce(xa) > ce(advex.to_float(x))).float().mean() > 0.95  # and it did raise the loss
+        assert (ce(xa) > ce(advex.to_float(x))).float().mean() > 0.8  # and it did raise the loss (measured: 48-50 of 50)
     # success: *some* iterate is misclassified, not only the returned or the last one
     assert torch.equal(success, (preds != y).any(0))
 
@@ -1629,10 +1629,18 @@ def test_ensemble_signs_come_from_the_training_images_only(data_dir, tmp_path, m
     """The held-out usefulness is only held out if the signs never see a test image: every call of `ensemble` in the
     experiment gets the training images (and their labels, or shuffles of them), and the recorded test usefulness is
     the ensemble's on the test images."""
-    seen, inner = [], advex.ensemble
-    monkeypatch.setattr(advex, "ensemble", lambda d, x, labels: seen.append((x, labels)) or inner(d, x, labels))
+    seen, made, inner = [], [], advex.ensemble
+    monkeypatch.setattr(advex, "ensemble", lambda d, x, labels: seen.append((x, labels)) or made.append(inner(d, x, labels)) or made[-1])
     recs = {r["metric"]: r["value"] for r in run_cli("linear-features", out=tmp_path, data=data_dir)}
     xtr, ytr, xte, yte = advex.load_cifar10(data_dir, download=False, warn=False)
+    size = advex.SCALES["quick"]["lin_size"]
+    flat = lambda x, y: F.interpolate(advex.to_float(x[(y == 9) | (y == 6)]), size=size, mode="area").flatten(1).double()
+    x, xt = flat(xtr, ytr), flat(xte, yte)
+    xt, x = xt - x.mean(0), x - x.mean(0)
+    yt = 2.0 * (yte[(yte == 9) | (yte == 6)] == 9).double() - 1
+    u = advex.linear_feature_stats(made[0].cpu(), xt, yt, x.T @ x / len(x))[0].item()  # the ensemble, on test images
+    assert recs["ensemble: usefulness on test images"] == pytest.approx(u, rel=1e-3, abs=1e-5)
+    assert recs["ensemble: usefulness on its training labels (signs chosen there)"] != pytest.approx(u, rel=1e-3, abs=1e-5)
     n_train, n_test = int(((ytr == 9) | (ytr == 6)).sum()), int(((yte == 9) | (yte == 6)).sum())
     assert seen and all(len(x) == n_train != n_test and len(labels) == n_train for x, labels in seen)
     truth = 2.0 * (ytr[(ytr == 9) | (ytr == 6)] == 9).double() - 1
