@@ -1345,6 +1345,32 @@ def test_transfer_attaches_paper_values_only_to_its_source(data_dir, tmp_path):
     assert os.path.isfile(tmp_path / "transfer.png")
 
 
+def test_figures_draw_the_papers_attack_leaders_and_colour_bars(tmp_path, monkeypatch):
+    """fig2's standard-model robust bars are both under the paper's 7 steps of eps/5 (its 4.5, not 'n/a'); a point
+    label nudged off its dot gets a leader line back to it; each Fourier heat map has a colour bar with numbers."""
+    from PIL import ImageDraw
+    drawn, texts, line = [], [], ImageDraw.ImageDraw.line
+    monkeypatch.setattr(advex, "bars", lambda path, title, ylabel, groups, series, note="": drawn.append(series))
+    cfg = advex.Config(out=str(tmp_path))
+    seven = "robust acc L2 0.25, 7 steps of eps/5"
+    recs = [dict(experiment="standard", metric=seven, value=13.3), dict(experiment="standard", metric=advex.RA, value=12.1)]
+    advex.figure_fig2(cfg, recs)
+    fig2 = {label: values for label, _, values in drawn[0]}
+    assert fig2["paper: robust acc"][0] == 4.5 and fig2["ours: robust acc"][0] == 13.3
+    leaders = []
+    monkeypatch.setattr(ImageDraw.ImageDraw, "line", lambda d, xy, fill=None, **kw: leaders.append((xy, fill)) or line(d, xy, fill, **kw))
+    advex.plot(str(tmp_path / "p.png"), "t", "x", "y", [dict(label="s", colour=advex.BLUE, points=[(50, 30), (50, 30.2)],
+                                                               names=["first", "second"])], xlim=(0, 100), ylim=(0, 60))
+    grey = [xy for xy, fill in leaders if fill == advex.GREY]
+    assert len(grey) == 1 and grey[0][3] > grey[0][1] + 10  # one leader, from the second dot down to its label
+    text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda d, xy, s, *a, **kw: texts.append(s) or text(d, xy, s, *a, **kw))
+    maps = {"standard": torch.rand(32, 32) * 100, "robust": torch.rand(32, 32) * 100}
+    imgs = torch.rand(2, 3, 32, 32)
+    advex.figure_frequency(cfg, maps, imgs, torch.tensor([0, 1]), {"low-pass": imgs, "high-pass": imgs})
+    assert texts.count("0%") == texts.count("100%") == 2 and {"-100 pts", "0 pts", "+100 pts"} <= set(texts)
+
+
 # ---------------------------------------------------------------------------- claims: one run, one scale, honest verdicts
 
 def rec(e, m, v, run="r1", scale="cpu", arch="fastnet", seed=0):
@@ -1712,6 +1738,8 @@ def test_remaining_responses_quick(data_dir, tmp_path, experiment):
     files = {s["stage"]: s["file"] for s in json.load(open(tmp_path / "results.json"))["stages"]}
     if experiment == "frequency":
         assert value("high-pass: share of non-DC energy kept (%)") == pytest.approx(100 * advex.energy_share(xte / 255, lo=8), abs=1e-3)
+        for band, grey in (("high-pass", 0.5), ("low-pass", 0.0)):  # crops padded with the filtered images' own grey
+            assert artifact(tmp_path, band)["key"]["pad_fill"] == grey
         n = advex.SCALES["quick"]["freq_images"]
         precision = json.load(open(tmp_path / "results.json"))["runs"][recs[0]["run"]]["precision"]
         for kind in ("natural", "robust"):
