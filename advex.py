@@ -2,7 +2,7 @@
 responses of the Distill 2019 discussion around it, in one file you can read top to bottom.
 
     python advex.py ilyas --scale quick        # Sec. 3 end to end at tiny size: seconds on a CPU, numbers meaningless
-    python advex.py ilyas --scale cpu          # laptop scale, real data: all of run_all.sh in ~45 min on 2 CPU cores
+    python advex.py ilyas --scale cpu          # laptop scale, real data: all of run_all.sh in ~38 min on 2 CPU cores
     python advex.py ilyas                      # full size: one GPU (README: Speed)
     python advex.py EXPERIMENT --help          # the flags EXPERIMENT reads, with their units
     model = advex.load("runs/artifacts/robust-fastnet-s0-....pt")     # from Python: [0,1] images in, logits out
@@ -2903,7 +2903,7 @@ def warn_if_slow(cfg, dev, experiments):
     log(f"advex: warning: full size on a CPU. One model of it, the standard source ({cfg.std_epochs} epochs of 50,000 images, "
         f"{cfg.std_arch}), is {first / 1e15:.2f} PFLOP of counted work: ~{fmt_time(first / rate)} at the {rate / 1e9:.0f} "
         f"GFLOP/s measured here, a yardstick for the models this run trains (README, Speed). `--scale cpu` runs every "
-        f"claim on a 2-core CPU in LAPTOP_TIME. Starting anyway.")
+        f"claim on a 2-core CPU in ~38 minutes. Starting anyway.")
 
 
 def data_missing(cfg, name):
