@@ -83,7 +83,7 @@ class Config:
     seeds: int = 1                # how many seeds: --seed, --seed+1, ...; results.md shows mean ± std over them
     scale: str = knob("full", ("full", "cpu", "quick"))  # full: one GPU | cpu: laptop scale (SCALES) | quick: seconds, for tests
     since: float = knob(0.0, ">=0")  # report: time only the stages run after this Unix time (run_all.sh passes its start)
-    # the paper's own source models (MadryLab's release; README, "Start from the paper's models")
+    # the paper's own source models (MadryLab's release; README, "Use from Python")
     standard_from: str = knob("", "file")  # checkpoint used as the standard model (MadryLab's ResNet-50 cifar_nat.pt)
     robust_from: str = knob("", "file")    # ... as the robust model (cifar_l2_0_5.pt, or RobustBench's Engstrom2019Robustness)
     # the standard source: Ilyas et al.'s standard model, whose D_NR, D_rand and D_det Sec. 3 is about, of the paper's
@@ -169,7 +169,7 @@ class Config:
 
 
 # Sizes by --scale, applied to every field a flag does not set; "full" is the defaults above (README: Deviations).
-# cpu: chosen by measurement on a 2-core CPU (README, "Laptop scale"). quick: every experiment in seconds (the tests).
+# cpu: chosen by measurement on a 2-core CPU (RESULTS.md, "How the laptop preset was chosen"). quick: every experiment in seconds (the tests).
 SCALES = {
     "full": {},
     "cpu": dict(n_train=10000, n_test=2000, std_arch="fastnet", std_epochs=30, std_augment="flip", width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,
