@@ -169,7 +169,8 @@ class Config:
 
 
 # Sizes by --scale, applied to every field a flag does not set; "full" is the defaults above (README: Deviations).
-# cpu: chosen by measurement on a 2-core CPU (RESULTS.md, "How the laptop preset was chosen"). quick: every experiment in seconds (the tests).
+# cpu: chosen by measurement on a 2-core CPU (RESULTS.md, "How the laptop preset was chosen").
+# quick: every experiment in seconds (the tests).
 SCALES = {
     "full": {},
     "cpu": dict(n_train=10000, n_test=2000, std_arch="fastnet", std_epochs=30, std_augment="flip", width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,

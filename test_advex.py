@@ -1656,7 +1656,13 @@ def test_ensemble_signs_come_from_the_training_images_only(data_dir, tmp_path, m
     experiment gets the training images (and their labels, or shuffles of them), and the recorded test usefulness is
     the ensemble's on the test images."""
     seen, made, inner = [], [], advex.ensemble
-    monkeypatch.setattr(advex, "ensemble", lambda d, x, labels: seen.append((x, labels)) or made.append(inner(d, x, labels)) or made[-1])
+
+    def spy(d, x, labels):  # what each call got, and the ensemble direction it made
+        seen.append((x, labels))
+        made.append(inner(d, x, labels))
+        return made[-1]
+
+    monkeypatch.setattr(advex, "ensemble", spy)
     recs = {r["metric"]: r["value"] for r in run_cli("linear-features", out=tmp_path, data=data_dir)}
     xtr, ytr, xte, yte = advex.load_cifar10(data_dir, download=False, warn=False)
     size = advex.SCALES["quick"]["lin_size"]
