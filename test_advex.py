@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -282,6 +283,19 @@ def test_cifar_copy_is_checked_once_per_copy_and_again_when_replaced(tmp_path, m
     advex.DATA.clear()
     advex.cifar_full(cfg)
     assert len(checked) == 2
+    markers = sorted(os.listdir(tmp_path / "out" / "artifacts"))
+    old = {m: os.stat(tmp_path / "out" / "artifacts" / m).st_mtime_ns for m in markers}
+    advex.DATA.clear()
+    advex.cifar_full(cfg)  # the same copy again: its marker is read, not written
+    assert len(checked) == 2 and old == {m: os.stat(tmp_path / "out" / "artifacts" / m).st_mtime_ns for m in markers}
+    other = tmp_path / "other_batch"  # other images, the same size, copied over with their times kept (cp -p)
+    write_batch(other, *colour_images(BATCH, torch.Generator().manual_seed(99)))
+    os.utime(other, ns=(batch.stat().st_atime_ns, batch.stat().st_mtime_ns))
+    shutil.copy2(other, batch)
+    assert (batch.stat().st_size, batch.stat().st_mtime_ns) == (other.stat().st_size, other.stat().st_mtime_ns)
+    advex.DATA.clear()
+    advex.cifar_full(cfg)
+    assert len(checked) == 3
 
 
 class Payload:  # what a malicious batch file could hold: unpickling it would run os.system
@@ -396,6 +410,10 @@ def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
     with pytest.raises(advex.AdvexError, match=r"cannot read .*Python objects.*dill.*\['model'\] state_dict"):
         advex.load(path)
     assert not (tmp_path / "pwned").exists()
+    with open(path, "wb") as f:  # a plain pickle of tensors: said to be one, not "truncated"
+        pickle.dump({"model": {"w": torch.zeros(2)}}, f)
+    with pytest.raises(advex.AdvexError, match=r"cannot read .*m\.pt: it is a plain Python pickle, not a file torch.save wrote"):
+        advex.load(path)
     # a FastNet's design travels with it; a checkpoint from before designs were saved is airbench's FastNet
     torch.manual_seed(0)
     plain = advex.make_model("fastnet", 8, design=dict(act="relu", pool="avg", scale=1.0)).eval()
@@ -566,7 +584,7 @@ def test_cli_standard_and_robust_quick(data_dir, tmp_path, capsys):
     assert "[standard (fastnet)] reading" in capsys.readouterr().out
     assert len(recs) == len(json.load(open(tmp_path / "results.json"))["records"])  # and replaces its own records
     recs = run_cli("standard", "--eval-steps", "2", out=tmp_path, data=data_dir)  # other settings: new rows
-    assert len(recs) == 9 and len({r["run"] for r in recs}) == 2
+    assert len(recs) == 12 and len({r["run"] for r in recs}) == 2  # 4 records each: 3 accuracies, the test images
     rows = [l for l in open(tmp_path / "results.md") if l.startswith("| standard | standard acc |")]
     assert len(rows) == 2 and all("| 1 |" in l for l in rows)  # never averaged across settings
 
@@ -692,7 +710,7 @@ def test_a_fresh_process_gives_the_same_numbers_and_an_interrupted_run_resumes(d
     assert "[standard (fastnet)] reading" in capsys.readouterr().out
     values = lambda out: {(r["experiment"], r["metric"]): r["value"] for r in json.load(open(out / "results.json"))["records"]
                           if "wall" not in r["metric"]}
-    assert values(tmp_path / "a") == values(tmp_path / "b") and len(values(tmp_path / "a")) == 5
+    assert values(tmp_path / "a") == values(tmp_path / "b") and len(values(tmp_path / "a")) == 7
 
 
 def test_run_all_runs_every_experiment_in_one_process_with_its_flags(tmp_path):
@@ -712,11 +730,11 @@ def test_run_all_runs_every_experiment_in_one_process_with_its_flags(tmp_path):
     assert calls[1] == f"toy2d.py --out {tmp_path / 'D'}" and len(calls) == 3
     args = calls[2].split()
     experiments = list(itertools.takewhile(lambda a: a in advex.EXPERIMENTS, args[1:]))
-    # ilyas runs standard, robust and the four constructed datasets; train-on needs a released dataset; the ablation
-    # of the standard source is a study of its own (README, "The standard source")
+    # ilyas runs standard, robust and the constructed datasets; train-on needs a released dataset; the ablations of
+    # the standard source and of D_det are studies of their own (RESULTS.md)
     assert args[0] == "advex.py" and len(experiments) == len(set(experiments)) and experiments[-1] == "report"
-    assert set(advex.EXPERIMENTS) - set(experiments) == {"standard", "robust", "d_r", "d_nr", "d_rand", "d_det",
-                                                         "train-on", "ablation"}
+    assert set(advex.EXPERIMENTS) - set(experiments) == {"standard", "robust", *advex.CONSTRUCTIONS, "train-on",
+                                                         "ablation", "ablation-det"}
     assert f"--out {tmp_path / 'D'}" in calls[2] and "--scale quick" in calls[2] and "--seeds 2" in calls[2]
     assert "--since" in calls[2]
     advex.parse_args(args[1:] + ["--data", str(tmp_path)])  # a command line advex accepts
@@ -762,10 +780,24 @@ def test_ablation_trains_each_variant_as_named(data_dir, tmp_path, monkeypatch):
         advex.check_config(c)
     rows = ["fastnet airbench (gelu, max pool, scale 1/8)", "fastnet plain, 2x epochs, flips only", "resnet18"]
     monkeypatch.setattr(advex, "ABLATION", {k: advex.ABLATION[k] for k in rows})
+    seen, inner = [], advex.evaluate
+    monkeypatch.setattr(advex, "evaluate", lambda cfg, m, x, y: seen.append((x, y)) or inner(cfg, m, x, y))
     recs = run_cli("ablation", "--n-train", "100", "--n-test", "20", "--eval-steps", "1", "--epochs", "1", out=tmp_path,
                    data=data_dir)
     got = {r["metric"]: r for r in recs if r["experiment"] == "ablation"}
     assert {m.split(": ")[0] for m in got} == set(rows)
+    # evaluated on the validation slice (the last --n-val training images), never on the test images
+    xtr, ytr, _, _ = advex.load_cifar10(data_dir, download=False, warn=False)
+    n_val = advex.SCALES["quick"]["n_val"]
+    assert seen and all(torch.equal(x.cpu(), xtr[-n_val:][:20]) and torch.equal(y.cpu(), ytr[-n_val:][:20]) for x, y in seen)
+    assert all(r["settings"]["evaluated_on"] == "validation" for r in got.values())
+    for variant in rows:  # robustness as a share of the correct images; every number minus the first row's
+        share = got[f"{variant}: robust acc L2 0.25, % of correct"]["value"]
+        clean, robust = got[f"{variant}: standard acc"]["value"], got[f"{variant}: robust acc L2 0.25"]["value"]
+        assert share == pytest.approx(100 * robust / max(clean, 1e-9), abs=1e-3)
+        if variant != rows[0]:
+            assert got[f"{variant}: standard acc, minus the first row"]["value"] == pytest.approx(
+                clean - got[f"{rows[0]}: standard acc"]["value"], abs=1e-3)
     models = set()
     for f in os.listdir(tmp_path / "artifacts"):
         if f.startswith("standard-"):
@@ -783,6 +815,26 @@ def test_ablation_trains_each_variant_as_named(data_dir, tmp_path, monkeypatch):
         for metric in ("standard acc", "robust acc L2 0.25", "robust acc L2 0.25, 7 steps of eps/5"):
             assert got[f"{variant}: {metric}"]["arch"] == arch and got[f"{variant}: {metric}"]["settings"]["epochs"] == n
     assert models == expected
+
+
+def test_the_d_det_ablation_changes_what_each_row_names(data_dir, tmp_path, monkeypatch):
+    """Sec. 3.2's levers at quick size, three rows: each changes the source, the attack or the fresh model as its
+    name says, every number is on the validation slice, and the first row trains the shortcut control too."""
+    rows = ["reference (this scale's settings)", "attack: eps x2", "fresh: 2x epochs"]
+    monkeypatch.setattr(advex, "DET_ABLATION", {k: advex.DET_ABLATION[k] for k in rows})
+    recs = run_cli("ablation-det", "--n-train", "100", "--n-test", "20", out=tmp_path, data=data_dir)
+    got = {r["metric"]: r for r in recs if r["experiment"] == "ablation-det"}
+    q = advex.SCALES["quick"]
+    ref, eps2, fresh2 = (got[f"{r}: d_det: val acc"]["settings"] for r in rows)
+    assert (ref["rel_eps"], eps2["rel_eps"], fresh2["rel_eps"]) == (advex.Config.rel_eps, 2 * advex.Config.rel_eps, advex.Config.rel_eps)
+    assert (ref["epochs"], eps2["epochs"], fresh2["epochs"]) == (q["con_epochs"], q["con_epochs"], 2 * q["con_epochs"])
+    assert f"{rows[0]}: d_shortcut: val acc" in got and f"{rows[2]}: d_rand: val acc" not in got  # D_det alone there
+    assert all(r["settings"]["evaluated_on"] == "validation" for r in got.values())
+    ds = {int(a["key"]["rel_eps"] * 100): a for a in (torch.load(tmp_path / "artifacts" / f, weights_only=True)
+          for f in os.listdir(tmp_path / "artifacts") if f.startswith("d_det-from")) for a in [dict(a, key=json.loads(a["key"]))]}
+    assert set(ds) == {50, 100}  # the doubled radius built its own set; the fresh row reused the reference's
+    assert got[f"{rows[1]}: d_det: val acc, minus the first row"]["value"] == pytest.approx(
+        got[f"{rows[1]}: d_det: val acc"]["value"] - got[f"{rows[0]}: d_det: val acc"]["value"], abs=1e-3)
 
 
 def test_scales_are_well_formed(tmp_path):
@@ -808,26 +860,6 @@ def test_report_prints_the_stage_table_and_claims_once_for_any_seeds(tmp_path, c
     assert out.count("| stage |") == 1 and out.count("NOT RUN") == len(advex.CLAIMS)
     err = cli_error(capsys, "report", "--out", str(tmp_path / "no" / "such"))  # no results there: an error, not a table
     assert "results.json not found" in err and not os.path.exists(tmp_path / "no")
-
-
-def test_claims_table_verdicts():
-    mk = lambda e, m, v, arch="fastnet", run="r1": dict(experiment=e, metric=m, value=v, paper=None, seed=0, arch=arch,
-                                                         run=run, scale="cpu", settings={})
-    recs = [mk("d_r", advex.RA, 45.0), mk("d_nr", advex.RA, 1.0), mk("d_r", "standard acc", 80.0),
-            mk("d_nr", "standard acc", 65.0), mk("d_rand", "standard acc", 30.0), mk("d_det", "standard acc", 20.0),
-            mk("d_rand", "standard acc", 5.0, run="old")]  # an older run of d_rand: the latest one counts
-    recs = recs[-1:] + recs[:-1]
-    recs += [mk("transfer", m, v, arch=a) for a, tr, acc in (("vgg16", 60, 25), ("resnet18", 90, 40), ("fastnet", 100, 45))
-             for m, v in (("transfer rate", tr), ("D_det-trained test acc", acc))]
-    verdicts = {c: (ours, v) for c, _, ours, v, _ in advex.check_claims(recs)}
-    assert verdicts["Ilyas 3.1: robust features alone give robustness; non-robust ones none"] == ("1, 45", "HOLDS")
-    assert verdicts["Ilyas 3.1: D_R and D_NR both generalise to the real test set"][1] == "FAILS"
-    assert verdicts["Ilyas 3.2: non-robust features alone generalise"] == ("30, 20", "HOLDS")
-    fig3 = verdicts["Ilyas Fig. 3: models learn more from D_det where its examples transfer"]
-    assert "(Spearman 1)" in fig3[0] and fig3[1] == "HOLDS"
-    assert verdicts["Wallace: a model learns from a teacher's errors alone"] == ("", "NOT RUN")
-    assert advex.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
-    assert len(verdicts) == len(advex.CLAIMS)
 
 
 # ---------------------------------------------------------------------------- Ilyas et al. Sec. 3
@@ -984,6 +1016,24 @@ def test_ilyas_quick_end_to_end(data_dir, tmp_path, capsys):
     assert ((det["images"].float() - xtr / 255).flatten(1).norm(dim=1) <= advex.Config.rel_eps + 1e-2).all()
     assert det["key"]["rule"] == "det" and rand["key"]["rule"] == "rand"  # the rule is in the key
     assert det["key"]["models"] == rand["key"]["models"] and det["key"]["models"][0]["inputs"]  # one source model
+    # the source's margin on t: logit_t minus the largest other logit, of the images it keeps (over t != y)
+    with advex.bf16_on("cpu", json.load(open(out / "results.json"))["runs"][recs[0]["run"]]["precision"] == "bf16"):
+        src = advex.load(next(s["file"] for s in json.load(open(out / "results.json"))["stages"] if s["stage"] == "standard (fastnet)"))
+        logits = advex.over_set(src, lambda b: src(b).float(), det["images"])
+    t = det["labels"]
+    margin = logits.gather(1, t[:, None])[:, 0] - logits.scatter(1, t[:, None], -math.inf).amax(dim=1)
+    assert got[("d_det", "source's margin on t, median (t != y)")]["value"] == pytest.approx(margin.median().item(), abs=1e-3)
+    # the shortcut control: D_det's labels, each perturbation replaced by its class's one pattern, of the same size
+    cut = artifact(out, "d_shortcut-from")
+    assert torch.equal(cut["labels"], det["labels"]) and "d_shortcut" in {e for e, _ in got}
+    delta, det_delta = cut["images"].float() - xtr / 255, det["images"].float() - xtr / 255
+    inside = ((xtr > 20) & (xtr < 235)).flatten(1).all(dim=1)  # no pixel clipped by the [0,1] box
+    assert inside.sum() >= 10
+    assert torch.allclose(delta[inside].flatten(1).norm(dim=1), det_delta[inside].flatten(1).norm(dim=1), rtol=0.02, atol=2e-3)
+    unit = delta[inside].flatten(1) / delta[inside].flatten(1).norm(dim=1, keepdim=True)
+    same = (t[inside][:, None] == t[inside][None, :])  # images of one target share one pattern, others do not
+    cos = unit @ unit.T
+    assert (cos[same] > 0.99).all() and (cos[~same].abs() < 0.2).all()
     nr, r = artifact(out, "d_nr-from"), artifact(out, "d_r-from")
     start_acc = 100 * (nr["src_pred"] == ytr[nr["start"]]).float().mean().item()
     assert got[("d_nr", "source acc on images vs start's label")]["value"] == pytest.approx(start_acc, abs=1e-3)
@@ -1035,7 +1085,8 @@ def test_a_write_that_fails_mid_run_is_one_line_and_leaves_nothing_behind(tmp_pa
         err = cli_error(capsys, *args)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert re.fullmatch(rf"advex: error: cannot write {re.escape(str(out))}/\S+ \(\w+: .+\)", err) and len(err) < 400
+    assert re.fullmatch(rf"advex: error: cannot write {re.escape(str(out))}/\S+ \(the write was cut short with [\d,]+ "
+                        rf"bytes free on the disk: a file-size limit\?\)", err), err
     leftovers = lambda: [f for d, _, fs in os.walk(out) for f in fs if ".tmp" in f]
     assert leftovers() == []
     (out / "artifacts" / "x.pt.tmp999999999").write_text("a killed process's")
@@ -1044,6 +1095,19 @@ def test_a_write_that_fails_mid_run_is_one_line_and_leaves_nothing_behind(tmp_pa
     (out / "ex" / "d_r-s0" / "CIFAR_ims.tmp999999999").write_text("a killed export's")
     advex.main(args + ["--export", str(out / "ex")])
     assert leftovers() == [f"y.pt.tmp{os.getpid()}"]
+
+
+def test_a_full_disk_is_said_so(tmp_path, monkeypatch):
+    """torch.save on a full disk fails as 'unexpected pos 281664 vs 281560': the error says the disk is full."""
+    def full(obj, f):
+        open(f, "wb").write(b"x" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 281664 vs 281560")
+
+    monkeypatch.setattr(advex.torch, "save", full)
+    monkeypatch.setattr(advex.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(advex.AdvexError, match=r"cannot write \S+m\.pt \(the disk is full: 4,096 bytes free\)$"):
+        advex.save_atomic({"a": torch.zeros(3)}, str(tmp_path / "m.pt"))
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_experiment_without_its_data_is_not_run_and_the_rest_run(tmp_path, capsys):
@@ -1083,9 +1147,18 @@ def test_report_and_toy_check_their_out_before_any_work(tmp_path, capsys, monkey
 
 
 def test_models_refuse_uint8_images_and_shares_are_exact():
-    model = tiny_net()
+    model = tiny_net().eval()
     with pytest.raises(advex.AdvexError, match=r"takes float images in \[0,1\], not torch.uint8 \(advex.to_float"):
         model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    x = torch.rand(2, 3, 32, 32)
+    for bad, seen in ((x * 255, r"from \S+ to 25\d"), ((x - 0.5) / 0.25, r"from -\d")):  # 0..255 floats; normalised twice
+        with pytest.raises(advex.AdvexError, match=rf"takes float images in \[0,1\], got values {seen}.*divide by 255"):
+            model(bad)
+    model((x * 1.5 - 0.25).clamp(-0.5, 1.5))  # within the slack that advex's own filtered images need
+    assert torch.allclose(model(x.double()), model(x)) and model(x.double()).dtype == torch.float32  # float64: converted
+    squares = advex.new_model(dict(arch="fastnet", width=8, classes=2, pixels=(-1.1, 1.1)), torch.device("cpu"))
+    squares(torch.full((2, 3, 32, 32), -1.1))  # a model of another range says so, and keeps it in its checkpoint
+    assert advex.checkpoint(squares, dict(arch="fastnet", width=8, pixels=(-1.1, 1.1)), 1.0)["pixels"] == (-1.1, 1.1)
     assert advex.pct(torch.tensor([True] * 7 + [False] * 43)) == 14.0  # not 14.000000059604645
     assert math.isnan(advex.pct(torch.zeros(0, dtype=torch.bool)))
 
@@ -1104,6 +1177,11 @@ def test_a_source_file_is_named_for_what_it_is(data_dir, tmp_path, capsys):
     assert f"{tmp_path / 'r18.pt'} is a resnet18; the paper's numbers beside it are its ResNet-50's" in capsys.readouterr().out
     row = next(r for r in recs if r["metric"] == "standard acc")
     assert row["arch"] == "resnet18" and row["settings"]["source"] == "r18.pt" and row["paper"] == 95.3
+    two = advex.checkpoint(advex.make_model("resnet18", 8, classes=2), dict(arch="resnet18", width=8, classes=2), 1.0)
+    torch.save(two, tmp_path / "squares.pt")  # advex's own 2-class squares network: refused before any data is read
+    for flag in ("--standard-from", "--robust-from"):
+        err = cli_error(capsys, "ilyas", flag, str(tmp_path / "squares.pt"), "--data", str(tmp_path / "none"), *q[4:])
+        assert f"{flag} {tmp_path / 'squares.pt'} is a resnet18 with 2 classes; a source must be a CIFAR-10 model" in err
 
 
 def test_processes_writing_to_one_out_at_once_keep_every_record(tmp_path):
@@ -1385,8 +1463,11 @@ def test_claims_come_from_one_run_and_never_mix_runs_or_scales(tmp_path, capsys)
     quick = [rec(f"bugs {n} {m}", metric, 1.0 if m == "bugs" else 50.0, run="q", scale="quick")
              for n in ("l2", "linf") for m in ("bugs", "pgd")
              for metric in ("transfer to fresh model", "trained-on: test acc, true labels")]
+    quick += [rec("bugs", n, 200, run="q", scale="quick") for n in ("attacked images", "test images")]
     full = [rec("d_rand", "standard acc", 30.0, run="A", scale="full"), rec("d_det", "standard acc", 20.0, run="A", scale="full"),
-            rec("d_det", "standard acc", 35.0, run="B", scale="full")]  # a later d_det-only run with other settings
+            rec("d_det", "test images", 2000, run="A", scale="full"),
+            rec("d_det", "standard acc", 35.0, run="B", scale="full"),  # a later d_det-only run with other settings
+            rec("d_det", "test images", 2000, run="B", scale="full")]
     advex.write_results(str(tmp_path), quick + full, {}, scale="full")
     md = open(tmp_path / "results.md").read()
     assert md.startswith("# advex results: scale full")
@@ -1413,40 +1494,146 @@ def test_a_bar_inside_a_cell_does_not_split_its_markdown_row(tmp_path):
     cells = lambda line: len(re.split(r"(?<!\\)\|", line)) - 2  # bars not preceded by a backslash
     md = open(tmp_path / "results.md").read().splitlines()
     assert cells(next(l for l in md if l.startswith("| frequency | robust"))) == 8
-    assert cells(claim_line("\n".join(md), "Gilmer & Hendrycks (Yin et al.)")) == 5
+    assert cells(claim_line("\n".join(md), "Gilmer & Hendrycks (Yin et al.)")) == 6
 
 
 def claim_line(md, start):
     return next(l for l in md.splitlines() if l.startswith("| " + start))
 
 
+NAN = float("nan")
+A6 = [f"a{k}" for k in range(6)]
+# Each claim's cases: its values in the order of its needs ({arch: value} where a metric has several), and the
+# verdict they must get. The bounds are written out here, worked by hand (chance + 3 SE at 2,000 test images is
+# 12.0196 and at 10,000 10.9006; REL x the paper's ratio, e.g. 0.75 x 82.3 / 95.3 = 0.647692, is 51.8153 at a
+# baseline of 80), with values just inside and just outside each, so that a loosened or tightened bound fails a case.
+CASES = {
+    "Ilyas: a standard model is not robust": [
+        ((9.99, 12.03, 2000), "HOLDS"), ((10.0, 12.03, 2000), "FAILS"), ((9.99, 12.01, 2000), "FAILS"),
+        ((NAN, 50, 2000), "FAILS")],
+    "Ilyas: adversarial training makes a robust model": [  # bar 0.647692
+        ((51.82, 80), "HOLDS"), ((51.81, 80), "FAILS"), ((51.82, 80.01), "FAILS"), ((NAN, 80), "FAILS")],
+    "Ilyas 3.1: non-robust features alone give no robustness": [((9.99,), "HOLDS"), ((10.0,), "FAILS"), ((NAN,), "FAILS")],
+    "Ilyas 3.1: robust features alone give robustness": [  # bar 0.75 x 48.27 / 82.3 = 0.439884
+        ((22.0, 50), "HOLDS"), ((21.99, 50), "FAILS"), ((22.0, 50.02), "FAILS"), ((NAN, 50), "FAILS")],
+    "Ilyas 3.1: D_R and D_NR both generalise to the real test set": [  # bars 0.661857, 0.690031
+        ((52.95, 55.21, 80), "HOLDS"), ((52.94, 55.21, 80), "FAILS"), ((52.95, 55.20, 80), "FAILS"),
+        ((52.95, 55.21, 80.01), "FAILS"), ((52.95, NAN, 80), "FAILS")],
+    "Ilyas 3.2: non-robust features alone generalise: D_rand": [  # bar 0.498164
+        ((39.86, 80), "HOLDS"), ((39.85, 80), "FAILS"), ((39.86, 80.02), "FAILS"), ((NAN, 80), "FAILS")],
+    "Ilyas 3.2: non-robust features alone generalise: D_det": [  # bar 0.343914
+        ((27.52, 80), "HOLDS"), ((27.51, 80), "FAILS"), ((27.52, 80.03), "FAILS"), ((NAN, 80), "FAILS")],
+    "Ilyas 3.2: D_det is learnt from t's non-robust features": [  # 30 - c > 3 SE for c < 25.7490
+        ((30, 25.74, 25.74, 2000), "HOLDS"), ((30, 25.76, 25.74, 2000), "FAILS"), ((30, 25.74, 25.76, 2000), "FAILS"),
+        ((12.03, 0, 0, 2000), "HOLDS"), ((12.01, 0, 0, 2000), "FAILS"), ((30, NAN, 0, 2000), "FAILS")],
+    "Ilyas 3.2: D_rand is learnt better than D_det": [  # r - 20 > 3 SE for r > 23.9267
+        ((23.93, 20, 2000), "HOLDS"), ((23.92, 20, 2000), "FAILS"), ((NAN, 20, 2000), "FAILS")],
+    "Ilyas Fig. 3: models learn more from D_det where its examples transfer": [
+        # six architectures, accuracies ranked (0, 0, 1, 4, 3, 2): Spearman 0.7537; (0, 0, 0, 2, 1, 1): 0.7407. The
+        # ties are within 3 SE, not equal: without them the second would be 0.829 and hold
+        ((dict(zip(A6, (10, 25, 40, 55, 70, 85))), dict(zip(A6, (15, 15.5, 25, 55, 45, 35))), 2000, 10000), "HOLDS"),
+        ((dict(zip(A6, (10, 25, 40, 55, 70, 85))), dict(zip(A6, (15, 15.5, 16, 35, 25, 25.3))), 2000, 10000), "FAILS"),
+        (({"fastnet": 100, "resnet18": 7.67, "vgg16": 6.96}, {"fastnet": 18.65, "resnet18": 8.25, "vgg16": 7.85}, 2000,
+          10000), "HOLDS"),  # the laptop's: the two that learnt nothing tie, and so do their transfer rates
+        (({"fastnet": 100, "resnet18": 20, "vgg16": 60}, {"fastnet": 45, "resnet18": 30, "vgg16": NAN}, 2000, 10000), "FAILS"),
+        (({"fastnet": 100, "resnet18": 20}, {"fastnet": 45, "resnet18": 30}, 2000, 10000), "NOT RUN")],
+    "Wallace: a model learns from a teacher's errors alone": [((12.03, 2000), "HOLDS"), ((12.01, 2000), "FAILS"),
+                                                              ((NAN, 2000), "FAILS")],
+    "Wallace: an MNIST teacher's labels on Fashion images teach MNIST": [  # bars 0.689001, 0.715187
+        ((68.22, 70.81, 99), "HOLDS"), ((68.21, 70.81, 99), "FAILS"), ((68.22, 70.80, 99), "FAILS"),
+        ((68.22, 70.81, 99.02), "FAILS"), ((NAN, 70.81, 99), "FAILS")],
+    "Wallace: the 2D toy learns from flipped points alone": [((16.5,), "HOLDS"), ((16.0,), "FAILS"), ((NAN,), "FAILS")],
+    "Nakkiran: his examples do not transfer; plain PGD's do": [
+        ((9.99, 10.91, 9.99, 10.91, 10000), "HOLDS"), ((10.0, 10.91, 9.99, 10.91, 10000), "FAILS"),
+        ((9.99, 10.90, 9.99, 10.91, 10000), "FAILS"), ((9.99, 10.91, 10.0, 10.91, 10000), "FAILS"),
+        ((9.99, 10.91, 9.99, 10.90, 10000), "FAILS"), ((NAN, 10.91, 9.99, 10.91, 10000), "FAILS")],
+    "Nakkiran: a model trained on his examples learns nothing of the true labels; plain PGD's does": [
+        ((12.01, 12.03, 12.01, 12.03, 2000), "HOLDS"), ((12.02, 12.03, 12.01, 12.03, 2000), "FAILS"),
+        ((12.01, 12.01, 12.01, 12.03, 2000), "FAILS"), ((12.01, 12.03, 12.02, 12.03, 2000), "FAILS"),
+        ((12.01, 12.03, 12.01, 12.01, 2000), "FAILS"), ((12.01, 12.03, 12.01, NAN, 2000), "FAILS")],
+    "Nakkiran: on adversarial squares, where every useful feature is robust, a memorising net is not robust": [
+        ((60, 53.36, 1000), "HOLDS"), ((60, 53.37, 1000), "FAILS"), ((50.01, 0, 1000), "HOLDS"), ((50.0, 0, 1000), "FAILS"),
+        ((NAN, 0, 1000), "FAILS")],
+    "Goh: his features are robustly useful (Spec 1) and stable (Spec 2)": [
+        ((10, 80), "HOLDS"), ((9, 80), "FAILS"), ((10, 79.99), "FAILS"), ((10, NAN), "FAILS")],
+    "Goh: robust features leak into D_rand, not into D_det": [
+        ((12.03, 12.01, 2000), "HOLDS"), ((12.01, 12.01, 2000), "FAILS"), ((12.03, 12.02, 2000), "FAILS"),
+        ((11.0, 8.0, 10000), "HOLDS"), ((NAN, 8.0, 2000), "FAILS")],
+    "Gilmer & Hendrycks: a model trained and tested on high-pass images generalises": [
+        ((12.03, 10.0, 2000), "HOLDS"), ((12.01, 10.0, 2000), "FAILS"), ((12.03, 10.01, 2000), "FAILS"),
+        ((NAN, 5, 2000), "FAILS")],
+    "Gilmer & Hendrycks (Yin et al.): adversarial training trades high-frequency robustness for low-frequency fragility": [
+        ((-3.01, 1, 3.01, 1), "HOLDS"), ((-2.99, 1, 3.01, 1), "FAILS"), ((-3.01, 1, 2.99, 1), "FAILS"),
+        ((-30, 1, NAN, 1), "FAILS")],
+    "Gilmer & Hendrycks: adversarial training costs robustness to fog and contrast, gains it against noise": [
+        ((-3.01, 1, -3.01, 1, 3.01, 1), "HOLDS"), ((-2.99, 1, -3.01, 1, 3.01, 1), "FAILS"),
+        ((-3.01, 1, -2.99, 1, 3.01, 1), "FAILS"), ((-3.01, 1, -3.01, 1, 2.99, 1), "FAILS"),
+        ((-3.01, 1, -3.01, NAN, 3.01, 1), "FAILS")],
+    "Goh: the useful linear features are the robust ones": [  # 3 SE at 1,025 directions: 3 / 32 = 0.09375
+        ((0.0938, 1025), "HOLDS"), ((0.0937, 1025), "FAILS"), ((NAN, 1025), "FAILS")],
+    "Goh: a sum of non-robust directions is a useful, non-robust feature": [
+        ((0.0571, 0.057, 0.005), "HOLDS"), ((0.0569, 0.057, 0.02), "FAILS"), ((NAN, 0.057, 0.5), "FAILS")],
+    "Nakano (the authors' reply): a robust model's layers are more robust": [((3.01,), "HOLDS"), ((2.99,), "FAILS"),
+                                                                              ((NAN,), "FAILS")],
+    "Nakano: style transfer works with a robust model's Gram matrices, less with a standard one's": [
+        ((0.5, 0.1, 0.13), "HOLDS"), ((0.5, 0.1, 0.1334), "FAILS"), ((0.1, 0.5, 0.01), "FAILS"), ((0.5, 0.1, NAN), "FAILS")],
+}
+
+
+def case_records(needs, values, run="r1"):
+    """Records that give a claim these values: one per need (per architecture where a value is a dict)."""
+    return [rec(e, m, u, run=run, arch=a) for (e, m), v in zip(needs, values)
+            for a, u in (v.items() if isinstance(v, dict) else [("fastnet", v)])]
+
+
+def test_every_claim_is_judged_on_both_sides_of_each_bound():
+    """Every row of CLAIMS against its cases: each verdict as written, both verdicts among them, a NaN that fails;
+    a relative claim also with the same values against two baselines, one that makes them hold and one that does not.
+    A claim without cases, or cases without a claim, fail here."""
+    assert set(CASES) == {c[0] for c in advex.CLAIMS}
+    nan = lambda v: any(isinstance(u, float) and math.isnan(u) for w in v for u in (w.values() if isinstance(w, dict) else [w]))
+    for claim, kind, _, needs, _ in advex.CLAIMS:
+        cases = CASES[claim]
+        for values, expected in cases:
+            row = next(r for r in advex.check_claims(case_records(needs, values)) if r[0] == claim)
+            assert row[4] == expected, (claim, values, row)
+        assert {"HOLDS", "FAILS"} <= {v for _, v in cases}, claim
+        assert any(nan(v) and verdict == "FAILS" for v, verdict in cases), claim
+        assert kind in ("absolute", "relative", "comparison"), claim
+        if kind == "relative":
+            by_values = {}
+            for v, verdict in cases:
+                by_values.setdefault(v[:-1], set()).add(verdict)
+            assert any(verdicts == {"HOLDS", "FAILS"} for verdicts in by_values.values()), claim
+
+
+def test_a_relative_claim_without_its_baseline_is_not_run():
+    """D_det's claim is relative to the standard model's clean accuracy: a run that trained D_det alone is not judged
+    against a default, and says which baseline it lacks; another run's baseline does not count."""
+    row = claim(advex.check_claims([rec("d_det", "standard acc", 40.0)]), "Ilyas 3.2: non-robust features alone generalise: D_det")
+    assert row[4] == "NOT RUN" and "no baseline in this run: standard standard acc" in row[3]
+    rows = advex.check_claims([rec("standard", "standard acc", 80.0, run="r0"), rec("d_det", "standard acc", 40.0)])
+    assert claim(rows, row[0])[4] == "NOT RUN"
+
+
 def test_claims_fail_on_non_finite_values_and_ranks_average_ties():
     assert math.isnan(advex.spearman([1, 2, float("nan")], [1, 2, 3]))
     assert advex.spearman([20, 20, 30], [1, 2, 3]) == advex.spearman([20, 20, 30], [2, 1, 3]) == pytest.approx(0.8660254)
+    assert advex.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert advex.within_noise_ties([10, 10.5, 30, 30.4, 31], [0.5] * 5) == pytest.approx([10.25, 10.25, 30.4667, 30.4667, 30.4667], abs=1e-4)
+    assert advex.within_noise_ties([10, 13, 30], [0.5] * 3) == [10, 13, 30]  # apart by more than 3 SE (2.12): no tie
+    bad = [rec("robust", advex.RA, float("nan")), rec("standard", "standard acc", 80.0)]
+    row = claim(advex.check_claims(bad), "Ilyas: adversarial training")
+    assert row[4] == "FAILS" and "not finite" in row[3]  # nan >= bar is False, but say why
     transfer = [rec("transfer", "transfer rate", v, arch=a) for a, v in (("fastnet", 100), ("resnet18", 20), ("vgg16", 20))]
     acc = [rec("transfer", "D_det-trained test acc", v, arch=a) for a, v in (("fastnet", 45), ("resnet18", 30), ("vgg16", 25))]
-    row = claim(advex.check_claims(transfer + acc), "Ilyas Fig. 3")
-    assert "transfer tie: resnet18, vgg16" in row[2] and "Spearman 0.866" in row[2]
-    bad = [rec("robust", advex.RA, float("nan"))]
-    assert claim(advex.check_claims(bad), "Ilyas: adversarial training")[3] == "FAILS"  # nan > 60 is False, but say why
-    assert "not finite" in claim(advex.check_claims(bad), "Ilyas: adversarial training")[2]
-    nan_fig3 = transfer + acc[:2] + [rec("transfer", "D_det-trained test acc", float("nan"), arch="vgg16")]
-    assert claim(advex.check_claims(nan_fig3), "Ilyas Fig. 3")[3] == "FAILS"
-    few = [r for r in transfer + acc if r["arch"] != "vgg16"]
-    assert claim(advex.check_claims(few), "Ilyas Fig. 3")[3] == "NOT RUN"
-
-
-def test_leakage_claim_needs_margins_over_chance():
-    leak = lambda rand, det, n=2000: [rec("leakage", "linear on features, trained on d_rand", rand),
-                                      rec("leakage", "linear on features, trained on d_det", det), rec("leakage", "test images", n)]
-    verdict = lambda recs: claim(advex.check_claims(recs), "Goh: robust features leak")[3]
-    assert verdict(leak(10.5, 10.0)) == "FAILS"  # above D_det, but not clearly above chance (SE 0.67 at 2000 images)
-    assert verdict(leak(13.85, 8.25)) == "HOLDS" and verdict(leak(13.85, 11.5)) == "FAILS"  # D_det must not exceed chance
-    assert verdict(leak(10.95, 6.0, n=10000)) == "HOLDS"  # 10,000 images: SE 0.3, so 3 SE is 0.9 points
+    counts = [rec("transfer", "test images", 2000), rec("transfer", "D_det images", 10000)]
+    row = claim(advex.check_claims(transfer + acc + counts), "Ilyas Fig. 3")
+    assert "transfer tie within 3 SE: resnet18, vgg16" in row[3] and "Spearman 0.866" in row[3] and row[4] == "HOLDS"
 
 
 def test_squares_claim_is_about_the_nets_not_the_linear_sanity_check():
-    needs = next(n for c, _, n, _ in advex.CLAIMS if c.startswith("Nakkiran: on adversarial squares"))
+    needs = next(n for c, _, _, n, _ in advex.CLAIMS if c.startswith("Nakkiran: on adversarial squares"))
     assert all("linear" not in m for _, m in needs) and ("squares", "net 1 epoch: flipped by Linf 0.01") in needs
 
 
@@ -1611,21 +1798,24 @@ def test_fourier_heatmap_finds_the_one_frequency_a_model_fails_at(i, j, band):
     (DC at the centre) and 0 elsewhere, and only the band holding it has error: the map, its layout and the band
     masks the claim reads (band_mean, as exp_frequency calls it) are all checked."""
     x, y = torch.full((6, 3, 32, 32), 0.5), torch.zeros(6, dtype=torch.long)  # grey images: no energy but at DC
-    err = advex.fourier_heatmap(OneFrequency(i, j), x, y, 4.0, batch=64)
-    assert err.shape == (32, 32)
+    wrong = advex.fourier_heatmap(OneFrequency(i, j), x, y, 4.0, batch=64)
+    assert wrong.shape == (6, 32, 32) and wrong.dtype == torch.bool
+    err = 100 * wrong.float().mean(dim=0)
     hot = {(a, b) for a, b in (err > 50).nonzero().tolist()}
     assert hot == {(i + 16, j + 16), (-i + 16, -j + 16)} and err[err <= 50].max() == 0 and err.max() == 100
     high, low = advex.band_mean(err, 8), advex.band_mean(err, 0, 2)
-    r = max(abs(i), abs(j))
     cells = lambda lo, hi: sum(lo <= max(abs(a), abs(b)) <= hi for a in range(-16, 16) for b in range(-16, 16))
     assert (high, low) == ((pytest.approx(100 * 2 / cells(8, 16)), 0) if band == "high" else (0, pytest.approx(100 * 2 / cells(0, 2))))
-    assert (r >= 8) == (band == "high")
+    per_image = advex.band_mean(wrong, 8 if band == "high" else 0, 16 if band == "high" else 2)  # (N,): each image's
+    assert per_image.shape == (6,) and torch.allclose(100 * per_image, torch.full((6,), high if band == "high" else low))
 
 
 def test_ensemble_null_finds_a_planted_feature_and_not_noise():
     """Gaussian images whose low-variance directions each carry a little of the label: the ensemble of those directions,
-    signs chosen on training images, beats the permutation null on test images (p < 0.01). With labels independent of
-    the images it does not: p is uniform, and below 0.01 in no more than one of eight datasets."""
+    signs chosen on training images, beats the permutation null on test images at every seed tried. With labels
+    independent of the images it does not: p is uniform, and below 0.01 in no more than one seed of eight. Measured
+    (tune, seeds 0-19, 3,000 images): planted p = 1/201 at every seed (with 1,500 images: 0.0498 at seed 1);
+    pure noise p from 0.030 to 0.99."""
     D, lo = 60, 30  # directions 30..59 have small variance: the ensemble's
     sd = torch.cat([torch.full((lo,), 1.0), torch.full((D - lo,), 0.05)]).double()
     directions = torch.eye(D, dtype=torch.float64)[lo:]
@@ -1637,7 +1827,7 @@ def test_ensemble_null_finds_a_planted_feature_and_not_noise():
 
     def p_value(planted, seed):
         g = torch.Generator().manual_seed(seed)
-        (x, y), (xt, yt) = data(1500, planted, g), data(1500, planted, g)
+        (x, y), (xt, yt) = data(3000, planted, g), data(3000, planted, g)
         mu = x.mean(0)
         x, xt = x - mu, xt - mu
         cov = x.T @ x / len(x)
@@ -1647,7 +1837,7 @@ def test_ensemble_null_finds_a_planted_feature_and_not_noise():
         null = advex.ensemble_null(directions, x, y, xt, yt, cov, 200)[0]
         return (1 + (null >= u).sum().item()) / 201
 
-    assert p_value(1.0, 0) < 0.01
+    assert all(p_value(1.0, s) < 0.01 for s in range(8))
     assert sum(p_value(0.0, s) < 0.01 for s in range(8)) <= 1
 
 
@@ -1655,7 +1845,7 @@ def test_ensemble_signs_come_from_the_training_images_only(data_dir, tmp_path, m
     """The held-out usefulness is only held out if the signs never see a test image: every call of `ensemble` in the
     experiment gets the training images (and their labels, or shuffles of them), and the recorded test usefulness is
     the ensemble's on the test images."""
-    seen, made, inner = [], [], advex.ensemble
+    seen, made, inner, nulls, null_inner = [], [], advex.ensemble, [], advex.ensemble_null
 
     def spy(d, x, labels):  # what each call got, and the ensemble direction it made
         seen.append((x, labels))
@@ -1663,6 +1853,7 @@ def test_ensemble_signs_come_from_the_training_images_only(data_dir, tmp_path, m
         return made[-1]
 
     monkeypatch.setattr(advex, "ensemble", spy)
+    monkeypatch.setattr(advex, "ensemble_null", lambda *a: nulls.append(null_inner(*a)) or nulls[-1])
     recs = {r["metric"]: r["value"] for r in run_cli("linear-features", out=tmp_path, data=data_dir)}
     xtr, ytr, xte, yte = advex.load_cifar10(data_dir, download=False, warn=False)
     size = advex.SCALES["quick"]["lin_size"]
@@ -1679,7 +1870,52 @@ def test_ensemble_signs_come_from_the_training_images_only(data_dir, tmp_path, m
     assert torch.equal(seen[0][1][:, 0].cpu(), truth)  # the ensemble's own signs: the true training labels
     assert all(sorted(c.tolist()) == sorted(truth.tolist()) for c in seen[1][1].T)  # the null's: shuffles of them
     assert recs["shuffled-label null: draws"] == seen[1][1].shape[1] == advex.SCALES["quick"]["lin_null"]
-    assert 0 < recs["ensemble: p-value against the shuffled-label null"] <= 1
+    draws = nulls[0][0].cpu()  # the null's test usefulness, one per draw: its 99th percentile and p, recomputed
+    assert recs["shuffled-label null: test usefulness, 99th percentile"] == pytest.approx(draws.quantile(0.99).item(), abs=1e-4)
+    assert recs["ensemble: p-value against the shuffled-label null"] == pytest.approx(
+        (1 + (draws >= u).sum().item()) / (1 + len(draws)), abs=1e-4)
+    assert recs["shuffled-label null: test usefulness, 99th percentile"] > 0.01  # not zero: a bar the claim can fail
+
+
+def test_gohs_useful_is_robust_is_held_out_over_a_cut_chosen_on_training_images(data_dir, tmp_path, monkeypatch):
+    """The claim's Spearman, recomputed: each eigenvector of the training images' covariance signed on the training
+    images, its usefulness measured on the test images, over the most robust directions up to the cut; the cut comes
+    from the training images alone (well_estimated sees them and nothing else). The in-sample Spearman differs."""
+    given, inner = [], advex.well_estimated
+    monkeypatch.setattr(advex, "well_estimated", lambda x: given.append(x) or inner(x))
+    got = {r["metric"]: r for r in run_cli("linear-features", out=tmp_path, data=data_dir)}
+    xtr, ytr, xte, yte = advex.load_cifar10(data_dir, download=False, warn=False)
+    pick = lambda x, y: (F.interpolate(advex.to_float(x[(y == 9) | (y == 6)]), size=8, mode="area").flatten(1).double(),
+                         2.0 * (y[(y == 9) | (y == 6)] == 9).double() - 1)
+    (x, y), (xt, yt) = pick(xtr, ytr), pick(xte, yte)
+    xt, x = xt - x.mean(0), x - x.mean(0)
+    assert len(given) == 1 and torch.equal(given[0].cpu(), x)  # the training images, centred: no test image
+    lam, vecs = torch.linalg.eigh(x.T @ x / len(x))
+    keep = lam.flip(0) > 1e-10 * lam.max()
+    a, lam = vecs.T.flip(0)[keep], lam.flip(0)[keep]  # the most robust first
+    train = (a @ (x.T @ y / len(y))) / lam.sqrt()  # usefulness E[y a.x] / sqrt(a^T S a) on the training images
+    a, train = a * train.sign()[:, None], train.abs()
+    test = (a @ (xt.T @ yt / len(yt))) / lam.sqrt()
+    cut = int(got["eigenvectors up to the cut"]["value"])
+    assert 3 <= cut <= len(a) and got["eigenvectors"]["value"] == len(a)
+    held_out = advex.spearman(lam[:cut].sqrt().log().tolist(), test[:cut].tolist())
+    in_sample = advex.spearman(lam[:cut].sqrt().log().tolist(), train[:cut].tolist())
+    rho = got["eigenvectors up to the cut: Spearman(log robustness, test usefulness)"]
+    assert rho["value"] == pytest.approx(held_out, abs=1e-4) and abs(in_sample - held_out) > 0.01
+    assert rho["settings"]["by_cut"] and all(0 < int(k) <= len(a) for k in rho["settings"]["by_cut"])
+
+
+def test_the_cut_keeps_the_directions_new_images_confirm():
+    """32 directions of variance 100 and 96 of variance 1, 400 images: from 200 images (the half the cut estimates
+    from), the 96 small eigenvalues spread over Marchenko and Pastur's [0.1, 2.9], and the held-out variance of the
+    directions at its low end (a third of them, the last block of 32) is several times their eigenvalue: the cut
+    keeps the 32 large and the 64 upper small ones, whatever the random split."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.cat([10 * torch.randn(400, 32, generator=g, dtype=torch.float64),
+                       torch.randn(400, 96, generator=g, dtype=torch.float64)], 1)
+        torch.manual_seed(seed)
+        assert advex.well_estimated(x - x.mean(0)) == 96
 
 
 def test_linear_feature_usefulness_and_robustness_match_their_closed_form():
@@ -1722,8 +1958,15 @@ def test_layer_robustness_of_a_linear_layer_is_its_operator_norm_ratio():
     torch.manual_seed(1)
     r = advex.layer_robustness(model, x, 0.05, steps=20)
     torch.manual_seed(1)
-    bound = exact(x[advex.random_other(16)])
-    assert len(r) == 1 and 0.98 * bound < r[0] <= bound * (1 + 1e-5)  # PGD's max is a lower bound, and close
+    x2 = x[advex.random_other(16)]
+    bound = exact(x2)
+    assert len(r) == 1 and 0.98 * bound < r[0][0] <= bound * (1 + 1e-5)  # PGD's max is a lower bound, and close
+    # its standard error: the delta method's for a ratio of means, against the spread of 2,000 bootstrap ratios
+    a = torch.full((16,), r[0][0] * (model.body(x) - model.body(x2)).flatten(1).norm(dim=1).mean().item())  # all at the max
+    b = (model.body(x) - model.body(x2)).flatten(1).norm(dim=1).detach().double()
+    g = torch.Generator().manual_seed(0)
+    boot = torch.stack([(lambda i: a.double()[i].mean() / b[i].mean())(torch.randint(0, 16, (16,), generator=g)) for _ in range(2000)])
+    assert 0.7 * boot.std().item() < r[0][1] < 1.3 * boot.std().item()
 
 
 @pytest.mark.parametrize("experiment", ["frequency", "linear-features", "style"])
@@ -1734,7 +1977,7 @@ def test_remaining_responses_quick(data_dir, tmp_path, experiment):
     mine = {r["metric"]: r for r in recs if r["experiment"] == experiment}
     value = lambda m: mine[m]["value"]
     assert mine and all(math.isfinite(r["value"]) for r in mine.values())
-    needs = {m for c, _, n, _ in advex.CLAIMS for e, m in n if e == experiment}
+    needs = {m for c, _, _, n, _ in advex.CLAIMS for e, m in n if e == experiment}
     assert needs <= set(mine)  # every claim of this response has its numbers
     from PIL import Image
     for png in {"frequency": ["frequency.png", "filtered.png"], "linear-features": ["linear_features.png"],
@@ -1748,25 +1991,39 @@ def test_remaining_responses_quick(data_dir, tmp_path, experiment):
             assert artifact(tmp_path, band)["key"]["pad_fill"] == grey
         n = advex.SCALES["quick"]["freq_images"]
         precision = json.load(open(tmp_path / "results.json"))["runs"][recs[0]["run"]]["precision"]
+        excess = {}
         for kind in ("natural", "robust"):
-            heat = artifact(tmp_path, f"heatmap-{kind}-")["error"]
+            wrong = artifact(tmp_path, f"heatmap-{kind}-")["wrong"].float()  # (n, 32, 32): per image and frequency
             with advex.bf16_on("cpu", precision == "bf16"):  # as the run computed it
                 model = advex.load(files[f"{kind} (fastnet)"])
-                clean_error = 100 - advex.accuracy(model, xte[:n], yte[:n])  # the map's own images, not the whole test set
+                clean_wrong = (advex.predict(model, xte[:n]) != yte[:n]).float()  # the map's own images, not the test set
             label = "standard" if kind == "natural" else kind
             for band, lo, hi in (("high", 8, math.inf), ("low", 0, 2)):
-                assert value(f"{label} model: heat map error, {band} frequencies (%)") == pytest.approx(advex.band_mean(heat, lo, hi), abs=1e-3)
+                r = advex.freq_radius(32, 32).roll((16, 16), (0, 1))
+                per_image = 100 * wrong[:, (r >= lo) & (r <= hi)].mean(dim=1)  # (n,) error over the band's frequencies
+                excess[label, band] = per_image - 100 * clean_wrong
+                assert value(f"{label} model: heat map error, {band} frequencies (%)") == pytest.approx(per_image.mean().item(), abs=1e-3)
                 assert value(f"{label} model: heat map excess error, {band} frequencies") == pytest.approx(
-                    advex.band_mean(heat, lo, hi) - clean_error, abs=1e-3)
+                    excess[label, band].mean().item(), abs=1e-3)
+        for band in ("high", "low"):  # the claim's numbers: robust - standard, paired image by image, and its SE
+            d = excess["robust", band] - excess["standard", band]
+            assert value(f"heat map excess error, robust - standard, {band} frequencies") == pytest.approx(d.mean().item(), abs=1e-3)
+            assert value(f"heat map excess error, robust - standard, {band} frequencies: SE") == pytest.approx(
+                d.std().item() / math.sqrt(n), abs=1e-3)
+        for c in ("fog", "contrast", "noise"):
+            rs = [value(f"{k} model: {c} accuracy retained (%)") for k in ("robust", "standard")]
+            assert value(f"accuracy retained, robust - standard, {c}") == pytest.approx(rs[0] - rs[1], abs=1e-3)
+            ses = [100 * advex.se(value(f"{k} model: {c} acc, mean over severities"), len(yte)) /
+                   value(f"{k} model: clean test acc") for k in ("robust", "standard")]
+            assert value(f"accuracy retained, robust - standard, {c}: SE") == pytest.approx(math.hypot(*ses), rel=1e-3)
     if experiment == "linear-features":
         assert value("training images") == 5 * BATCH // 10 * 2  # all the trucks and frogs, whatever --n-train
         xtr, ytr = advex.load_cifar10(data_dir, download=False, warn=False)[:2]
         x = F.interpolate(xtr[(ytr == 9) | (ytr == 6)].double() / 255, size=8, mode="area").flatten(1)
         lam = torch.linalg.eigvalsh((x - x.mean(0)).T @ (x - x.mean(0)) / len(x))
         lam = lam[lam > 1e-10 * lam.max()]
-        assert value("eigenvectors") == len(lam) and value("eigenvectors, most robust third") == len(lam) // 3
+        assert value("eigenvectors") == len(lam)
         assert value("ensemble: directions") == int((lam.sqrt() < advex.SCALES["quick"]["lin_robustness"] * lam.max().sqrt()).sum())
-        assert 0 < value("ensemble: p-value against the shuffled-label null") <= 1
     if experiment == "style":
         ratios = [value(f"robust model: R(f) stage {s}, L2 {e:g}") / value(f"standard model: R(f) stage {s}, L2 {e:g}")
                   for s in range(1, 5) for e in advex.Config.style_eps]
@@ -1774,6 +2031,25 @@ def test_remaining_responses_quick(data_dir, tmp_path, experiment):
         for kind in ("standard", "robust"):
             low, high = (value(f"{kind} style: share of the change's energy at {b} frequencies (%)") for b in ("low", "high"))
             assert 0 <= low and 0 <= high and low + high <= 100 + 1e-6
+
+
+def test_the_style_judge_is_untrained_and_weighs_every_stage(data_dir, tmp_path, monkeypatch):
+    """Nakano's claim is judged by a network that learnt nothing: the one untrained_judge builds from the stage's
+    stream (Kaiming: every convolution's weights at std sqrt(2 / fan-in), so no stage's Gram matrices dwarf the
+    others'), never a trained model; its verdict is the mean over stages of each stage's ratio, all recorded."""
+    judges, inner = [], advex.style_distances
+    monkeypatch.setattr(advex, "style_distances", lambda m, a, b: judges.append(m) or inner(m, a, b))
+    got = {r["metric"]: r["value"] for r in run_cli("style", out=tmp_path, data=data_dir)}
+    assert len(judges) == 4 and all(j is judges[0] for j in judges)
+    cfg = advex.parse_args(["style", "--scale", "quick"])[1]
+    advex.seed_all(cfg.seed, "style-judge")
+    fresh = advex.untrained_judge(advex.recipe(cfg), torch.device("cpu")).state_dict()
+    assert all(torch.equal(v.cpu(), fresh[k]) for k, v in judges[0].state_dict().items()), [k for k, v in judges[0].state_dict().items() if not torch.equal(v.cpu(), fresh[k])]
+    convs = [m for m in judges[0].modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 1000]
+    assert convs and all(abs(m.weight.std().item() / math.sqrt(2 / (m.weight[0].numel())) - 1) < 0.15 for m in convs)
+    for kind in ("standard", "robust"):
+        stages = [got[f"{kind} style: judge's stage {k} distance, output / content"] for k in range(1, 5)]
+        assert got[f"{kind} style: judge's style distance, output / content"] == pytest.approx(sum(stages) / 4, abs=1e-3)
 
 
 # ---------------------------------------------------------------------------- the paper's own models: MadryLab / RobustBench files
