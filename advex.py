@@ -1847,7 +1847,7 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 STAGES = []   # this process's timed stages; main() adds them to results.json
 MEMO = {}     # artifact path -> what stage() returned for it, in this process
 FLOPS = [0]   # FLOPs counted by count_flops
-_NESTED = []  # [seconds, flops] of the stages running inside each running stage (a stage's own time excludes them)
+_NESTED = []  # [seconds, flops, planned...] of the stages inside each running stage (a stage's own excludes them)
 _FINGERPRINTS = {}
 
 
@@ -1885,8 +1885,8 @@ def stage(cfg, name, run, settings=None, inputs=(), models=(), title=None):
     path = os.path.join(cfg.out, "artifacts", f"{slug}-s{cfg.seed}-{settings_key(key)}.pt")
     if path in MEMO:
         return MEMO[path]
-    t0, f0, out = time.time(), FLOPS[0], None
-    _NESTED.append([0.0, 0])
+    start, out = [time.time(), FLOPS[0], *PLANNED], None
+    _NESTED.append([0.0] * len(start))
     if os.path.isfile(path):
         try:
             out = read_artifact(path, key)
@@ -1894,18 +1894,21 @@ def stage(cfg, name, run, settings=None, inputs=(), models=(), title=None):
         except AdvexError as e:  # truncated (a full disk, a killed copy) or foreign: made again, in its place
             log(f"advex: warning: {e}; making it again")
     loaded = out is not None
-    if not loaded:
+    if not loaded and PLANNING:  # a plan makes nothing: run() ran on probes (Plan) and its output is a placeholder
+        seed_all(cfg.seed, name)
+        out = dict(run(), key=key, file=path)
+    elif not loaded:
         seed_all(cfg.seed, name)
         save_atomic(dict(run(), key=json.dumps(key, sort_keys=True)), path)
-        log(f"[{title}] done in {fmt_time(time.time() - t0)}; saved {path}")
+        log(f"[{title}] done in {fmt_time(time.time() - start[0])}; saved {path}")
         out = read_artifact(path, key)
-    inner_s, inner_f = _NESTED.pop()
-    seconds, flops = time.time() - t0, FLOPS[0] - f0
+    inner = _NESTED.pop()
+    spent = [now - then for now, then in zip([time.time(), FLOPS[0], *PLANNED], start)]  # seconds, FLOPs, planned
     if _NESTED:
-        _NESTED[-1][0] += seconds
-        _NESTED[-1][1] += flops
-    STAGES.append(dict(stage=title, seconds=round(seconds - inner_s, 3), tflop=round((flops - inner_f) / 1e12, 4),
-                       loaded=loaded, file=path, time=time.time()))
+        _NESTED[-1][:] = [a + b for a, b in zip(_NESTED[-1], spent)]
+    own = [a - b for a, b in zip(spent, inner)]  # without the stages inside this one
+    STAGES.append(dict(stage=title, seconds=round(own[0], 3), tflop=round(own[1] / 1e12, 4), loaded=loaded, file=path,
+                       time=time.time(), **(dict(here=round(own[2], 2), h100=round(own[3], 2)) if PLANNING else {})))
     MEMO[path] = out
     return out
 
@@ -2058,6 +2061,142 @@ class Progress:
         eta = (self.total - done) / max(rate, 1e-9)
         log(f"[{self.name}] {done}/{self.total} {self.unit} {rate:,.0f} {self.unit}/s "
             f"elapsed {fmt_time(el)} ETA {fmt_time(eta)}{extra}")
+
+
+# =====================================================================================================================
+# Plan: what a run would cost, before it runs (python advex.py plan EXPERIMENT ... [flags])
+# =====================================================================================================================
+# The experiments run as written, but the primitives that do the work (train, pgd, over_set, style_transfer) are
+# replaced by probes: each runs the real primitive on a slice (one training step at the run's batch size, one attack
+# step, one batch of a forward pass, on at most PROBE images), counts its FLOPs with the same hooks as a real run,
+# times it, and scales both by the work the call stands for; it returns a placeholder of the right shape. Stages whose
+# artifacts exist are read back, as a real run would. Nothing is written but OUT/plan.json.
+
+PLANNING = False   # True while plan() runs the experiments on probes
+PLANNED = [0.0, 0.0]  # seconds of the work planned so far: here (measured probes), on one H100 (H100_RATES)
+PROBE = 256        # images a probe runs on, at most
+_PROBED = {}       # probe key -> (FLOPs, seconds, output) of the slice, measured once per process
+_REAL = {}         # the primitives plan() replaces, as they are
+# TFLOP/s of advex's counted FLOPs per model type and kind of work, measured on one H200 (report2.txt of the full run,
+# ../shared/runs/h200-full-2026-12-04: fresh FastNets 78-82 in training, robust training 68, PGD 125-134, evaluation
+# 139, ResNet-18 training 94-160 at batch 512 and 29 at Nakkiran's batch 128, VGG-16 108-119); an H100 has the same
+# dense bf16 peak. ResNet-50 (no measurement) is taken as ResNet-18. Tiny models are launch-bound: LAUNCH seconds per
+# pass (the linear model's 2 ms a pass on the H200) floor their time; START covers process start, data, cuDNN tuning.
+H100_RATES = {("FastNet", "train"): 80, ("FastNet", "adv-train"): 68, ("FastNet", "attack"): 130, ("FastNet", "forward"): 139,
+              ("ResNet", "train"): 125, ("ResNet", "adv-train"): 100, ("ResNet", "attack"): 130, ("ResNet", "forward"): 139,
+              ("VGG", "train"): 114, ("VGG", "adv-train"): 100, ("VGG", "attack"): 114, ("VGG", "forward"): 139}
+LAUNCH, START = 2e-3, 35.0
+
+
+def _probe(key, model, kind, units, passes, run_slice):
+    """Run run_slice() (the real primitive on a slice: one unit of the call's work), or reuse its measurement, and add
+    `units` x its FLOPs and seconds to the plan (and its H100 estimate: the FLOPs at H100_RATES, at least
+    passes x LAUNCH). Returns the slice's output."""
+    global PLANNING
+    if key not in _PROBED:
+        flops0, PLANNING = FLOPS[0], False  # the real primitives inside, and their hooks' FLOPs, for this slice only
+        try:
+            for _ in range(2):  # the second run is the one timed: the first pays for oneDNN's / cuDNN's set-up
+                t0, f0 = time.time(), FLOPS[0]
+                out = run_slice()
+                _PROBED[key] = (FLOPS[0] - f0, time.time() - t0, out)
+        finally:
+            PLANNING, FLOPS[0] = True, flops0
+    flops, seconds, out = _PROBED[key]
+    rate = H100_RATES.get((type(model).__name__, kind), 29 if kind.endswith("train") else 130) * 1e12
+    FLOPS[0] += units * flops
+    PLANNED[0] += units * seconds
+    PLANNED[1] += max(units * flops / rate, passes * LAUNCH)
+    return out
+
+
+def _shape(model):
+    return type(model).__name__, sum(p.numel() for p in model.parameters()), BF16.get(next(model.parameters()).device.type)
+
+
+def _plan_train(model, x, y, epochs, batch, lr, *args, **kw):
+    """train() in a plan: one step at the run's batch size, times the steps the schedule takes (all its epochs: a stop
+    rule, as Wallace's teacher's, is not foreseen)."""
+    if not PLANNING:  # inside a probe: the real thing
+        return _REAL["train"](model, x, y, epochs, batch, lr, *args, **kw)
+    a = inspect.signature(_REAL["train"]).bind(model, x, y, epochs, batch, lr, *args, **kw).arguments
+    b, steps = min(batch, len(x)), epochs * max(1, len(x) // batch)
+    kind = "adv-train" if a.get("adv_eps", 0) > 0 else "train"
+    key = ("train", _shape(model), b, tuple(x.shape[1:]), kind, a.get("adv_steps"), a.get("optimizer", "sgd"))
+    _probe(key, model, kind, steps, steps * (1 + (a.get("adv_steps", 0) + 1) * (kind == "adv-train")),
+           lambda: _REAL["train"](**dict(a, x=x[:b], y=y[:b], epochs=1, batch=b, stop=None)))
+    return float(epochs)
+
+
+def _plan_pgd(model, x, y, eps, steps, *args, **kw):
+    """pgd() in a plan: one step on a slice, scaled to every image and step (each step a forward and an input-gradient
+    pass, 2 units of a forward; one more forward scores the last iterate). Placeholders: x, no success."""
+    if not PLANNING:
+        return _REAL["pgd"](model, x, y, eps, steps, *args, **kw)
+    a = inspect.signature(_REAL["pgd"]).bind(model, x, y, eps, steps, *args, **kw).arguments
+    n, code = min(len(x), a.get("batch", 4096), PROBE), getattr(a.get("objective"), "__qualname__", "ce")
+    key = ("pgd", _shape(model), n, tuple(x.shape[1:]), code, id(a.get("objective")))
+    _probe(key, model, "attack", len(x) / n * (2 * steps + 1) / 3, math.ceil(len(x) / a.get("batch", 4096)) * (steps + 1),
+           lambda: _REAL["pgd"](**dict(a, x=x[:n], y=y[:n], steps=1, name="")))
+    return to_float(x).clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+
+def _plan_over_set(model, fn, x, batch=4096, amp=True):
+    """over_set() in a plan: fn on one slice, scaled to the whole set; a placeholder of fn's output's shape."""
+    if not PLANNING:
+        return _REAL["over_set"](model, fn, x, batch, amp)
+    n = min(len(x), batch, PROBE)
+    key = ("over_set", _shape(model), n, tuple(x.shape[1:]), fn.__code__, amp)
+    out = _probe(key, model, "forward", len(x) / n, math.ceil(len(x) / batch),
+                 lambda: _REAL["over_set"](model, fn, x[:n], batch, amp))
+    return out.new_zeros((len(x),) + out.shape[1:])
+
+
+def _plan_style_transfer(style_model, content_model, content, style, iters, *args):
+    """style_transfer() in a plan: one Adam step, times the iterations; the content as a placeholder."""
+    if not PLANNING:
+        return _REAL["style_transfer"](style_model, content_model, content, style, iters, *args)
+    key = ("style", _shape(style_model), tuple(content.shape), id(style_model))
+    _probe(key, style_model, "attack", iters, iters,
+           lambda: _REAL["style_transfer"](style_model, content_model, content, style, 1, *args))
+    return content.clone()
+
+
+@contextlib.contextmanager
+def planning():
+    """The experiments run inside on probes (the primitives replaced by _plan_*), making nothing."""
+    global PLANNING
+    stubs = dict(train=_plan_train, pgd=_plan_pgd, over_set=_plan_over_set, style_transfer=_plan_style_transfer,
+                 log=lambda msg: None, save_atomic=lambda obj, path: None)  # no progress lines, no figures, no files
+    _REAL.update({name: globals()[name] for name in stubs})
+    globals().update(stubs)
+    PLANNING = True
+    try:
+        yield
+    finally:
+        PLANNING = False
+        globals().update(_REAL)
+
+
+def plan_table(stages, unstaged, scale, device):
+    """The plan as markdown: per stage its TFLOP and predicted seconds here and on one H100, read-back stages apart,
+    the work outside stages, and the totals (with START on the H100)."""
+    lines = [f"Plan, scale {scale}: predicted seconds here ({device}: probes of this machine's throughput, at most "
+             f"{PROBE} images each) and on one H100 (the H200 run's rates; H100_RATES in advex.py). Not foreseen: a "
+             f"training's early stop, the read-back of a model trained on predictions (Wallace's students), toy2d.py.", "",
+             "| stage | TFLOP | predicted here (s) | predicted H100 (s) |", "|---|---|---|---|"]
+    total = [0.0, 0.0, 0.0]
+    for s in stages:
+        if s["loaded"]:
+            lines.append(md_row(f"{s['stage']}: read back from {os.path.basename(s['file'])}", 0, 0, 0))
+            continue
+        total = [t + v for t, v in zip(total, (s["tflop"], s["here"], s["h100"]))]
+        lines.append(md_row(s["stage"], f"{s['tflop']:.3g}", f"{s['here']:.1f}", f"{s['h100']:.1f}"))
+    total = [t + v for t, v in zip(total, unstaged)]
+    lines.append(md_row("outside the stages (evaluations, records)", f"{unstaged[0]:.3g}", f"{unstaged[1]:.1f}", f"{unstaged[2]:.1f}"))
+    lines.append(md_row("total", f"{total[0]:.3g}", f"{total[1]:.1f} ({fmt_time(total[1])})",
+                        f"{total[2] + START:.1f} ({fmt_time(total[2] + START)}, with {START:g} s of start-up)"))
+    return "\n".join(lines) + "\n"
 
 
 # =====================================================================================================================
@@ -2442,11 +2581,16 @@ def check_claims(records, not_run=None):
     return rows
 
 
-def stage_table(stages, wall=None):
+def stage_table(stages, wall=None, planned=None):
     """Where the time went: one row per stage (those read from disk summed into one row each), its share of the
-    total, its TFLOP and throughput. wall: the whole run's wall time; what the stages do not cover (process
-    start-up, data loading, small steps) gets a row."""
-    rows = {}
+    total, its TFLOP and throughput, and `plan`'s prediction for it (planned: OUT/plan.json, made on this device or
+    else its H100 column). wall: the whole run's wall time; what the stages do not cover (process start-up, data
+    loading, small steps) gets a row."""
+    rows, predicted = {}, {}
+    for s in (planned or {}).get("stages", []):
+        if not s["loaded"]:
+            here = planned["device"] == stages[0].get("device") if stages else True
+            predicted[s["stage"]] = predicted.get(s["stage"], 0.0) + s["here" if here else "h100"]
     for s in stages:
         r = rows.setdefault((s["stage"], s["loaded"]), dict(s, seconds=0.0, tflop=0.0, n=0))
         r["seconds"] += s["seconds"]
@@ -2454,15 +2598,17 @@ def stage_table(stages, wall=None):
         r["n"] += 1
     covered = sum(r["seconds"] for r in rows.values())
     total = max(wall or 0.0, covered) or 1e-9
-    lines = ["| stage | device | seconds | share | TFLOP | TFLOP/s |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | device | seconds | share | TFLOP | TFLOP/s | planned (s) |", "|---|---|---|---|---|---|---|"]
     share = lambda s: (f"{s:.1f}", f"{100 * s / total:.1f}%")  # seconds, share of the total
     for (name, loaded), r in rows.items():
+        plan_s = "" if loaded or name not in predicted else f"{predicted[name]:.1f}"
         name = f"{name}: read from disk" + (f" x{r['n']}" if r["n"] > 1 else "") if loaded else name
         lines.append(md_row(name, r.get("device", ""), *share(r["seconds"]), f"{r['tflop']:.2f}",
-                            f"{r['tflop'] / max(r['seconds'], 1e-9):.2f}"))
+                            f"{r['tflop'] / max(r['seconds'], 1e-9):.2f}", plan_s))
     if wall:
-        lines.append(md_row("other: start-up, data loading, small steps", "", *share(total - covered), "", ""))
-    lines.append(md_row("total", "", *share(total), f"{sum(r['tflop'] for r in rows.values()):.2f}", ""))
+        lines.append(md_row("other: start-up, data loading, small steps", "", *share(total - covered), "", "", ""))
+    lines.append(md_row("total", "", *share(total), f"{sum(r['tflop'] for r in rows.values()):.2f}", "",
+                        f"{sum(predicted.values()):.1f}" if predicted else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -3056,7 +3202,11 @@ def exp_report(cfg, dev):
     latest run's); rewrite results.md for that scale."""
     res = read_results(cfg.out, must_exist=True)
     scale = cfg.scale or latest_scale(res)
-    log(stage_table([s for s in res["stages"] if s["time"] >= cfg.since], time.time() - cfg.since if cfg.since else None))
+    plan_file = os.path.join(cfg.out, "plan.json")
+    planned = json.load(open(plan_file)) if os.path.isfile(plan_file) else None  # run_all.sh plans first
+    planned = planned if planned and planned["scale"] == scale and planned["time"] >= cfg.since else None
+    log(stage_table([s for s in res["stages"] if s["time"] >= cfg.since], time.time() - cfg.since if cfg.since else None,
+                    planned))
     log(f"claims, scale {scale}" + (" (quick: tiny sizes; these verdicts mean nothing)" if scale == "quick" else "") + ":")
     for e, why in res["not_run"].get(scale, {}).items():
         log(f"not run: {e}: {why}")
@@ -3089,7 +3239,10 @@ EXPERIMENTS = {
     "linear-features": (exp_linear_features, "lin", "cifar"),
     "style": (exp_style, "train adv style content_image standard_from robust_from", "cifar"),
     "report": (exp_report, "since", ""),
+    "plan": (None, "", ""),  # main() runs the experiments named after it on probes: plan()
 }
+# what run_all.sh runs, and `plan` alone plans: every experiment but the parts of ilyas, train-on and the ablations
+RUN_ALL = [e for e in EXPERIMENTS if e not in (*SEC3_RECORDS, "train-on", "ablation", "ablation-det", "plan")]
 SHARED = ("data", "out", "download", "device", "precision", "compile", "attack_batch", "seed", "seeds", "scale")
 TRAIN = ("arch", "width", "fastnet_act", "fastnet_pool", "fastnet_scale", "n_train", "n_test", "epochs", "batch", "lr",
          "momentum", "wd", "augment")
@@ -3251,6 +3404,27 @@ def data_missing(cfg, name):
     return ""
 
 
+def plan(cfg, dev, experiments):
+    """python advex.py plan [EXPERIMENT ...]: the experiments run on probes (Plan); what each stage would cost, here
+    and on one H100, printed and saved to OUT/plan.json, where `report` reads it to set the prediction beside what was
+    measured. Nothing else is made or written."""
+    STAGES.clear()
+    FLOPS[0], PLANNED[:] = 0, [0.0, 0.0]
+    t0 = time.time()
+    with planning():
+        for experiment in experiments:
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+                EXPERIMENTS[experiment][0](dataclasses.replace(cfg, seed=seed), dev)
+    made = [s for s in STAGES if not s["loaded"]]
+    unstaged = [FLOPS[0] / 1e12 - sum(s["tflop"] for s in made), PLANNED[0] - sum(s["here"] for s in made),
+                PLANNED[1] - sum(s["h100"] for s in made)]
+    table = plan_table(STAGES, unstaged, cfg.scale, device_name(dev))
+    log(table + f"(planned in {fmt_time(time.time() - t0)}: {', '.join(experiments)})")
+    save_atomic(json.dumps(dict(scale=cfg.scale, device=device_name(dev), experiments=experiments, stages=STAGES,
+                                unstaged=unstaged, time=time.time()), indent=1), os.path.join(cfg.out, "plan.json"))
+    STAGES.clear()
+
+
 def cli(run, prog):
     """The one error path of advex.py and toy2d.py: bad input is one `PROG: error: ...` line and exit 2;
     Ctrl-C says how to resume and exits 130. Anything else is a bug and keeps its traceback."""
@@ -3282,12 +3456,18 @@ def main(argv=None):
         MEMO.clear()  # an artifact or dataset changed between two in-process calls is read again
         DATA.clear()
         PROVENANCE.clear()
+        planned = experiments[0] == "plan"
+        if planned:  # plan: the whole of run_all.sh unless experiments are named
+            experiments = [e for e in experiments[1:] or EXPERIMENTS if e in RUN_ALL]
         problem = {d: data_missing(cfg, d) for e in experiments for d in EXPERIMENTS[e][2].split()}  # once per dataset
         missing = {e: why for e in experiments if (why := "; ".join(problem[d] for d in EXPERIMENTS[e][2].split() if problem[d]))}
         if len(experiments) == 1 and missing:
             raise AdvexError(missing[experiments[0]])
         for e, why in missing.items():  # the others run; the report says what did not and why
             log(f"advex: not running {e}: {why}")
+        if planned:
+            with bf16_on(dev.type, bf16):
+                return plan(cfg, dev, [e for e in experiments if e not in missing and e != "report"])
         if missing:
             write_results(cfg.out, [], {}, scale=cfg.scale, not_run=missing)
         t0 = time.time()

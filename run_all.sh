@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every advex experiment. Results: OUT/results.md (the table beside the paper's numbers, the claims and their
 # verdicts), OUT/results.json, PNG figures in OUT (default runs/). Artifacts in OUT/artifacts/ are reused, so an
-# interrupted run resumes where it stopped. It ends with where the time went. The advex experiments run in one
-# process (data read once, each shape tuned once); an experiment whose dataset is missing is NOT RUN, the others
-# run, and the script then exits non-zero.
+# interrupted run resumes where it stopped. It starts with the plan (what each stage will cost here and on one H100)
+# and ends with where the time went, planned beside measured. The advex experiments run in one process (data read
+# once, each shape tuned once); an experiment whose dataset is missing is NOT RUN, the others run, and the script
+# then exits non-zero.
 #   QUICK=1 bash run_all.sh            # tiny sizes, CPU, about a minute: checks the code path (numbers meaningless)
 #   SCALE=cpu bash run_all.sh          # laptop scale: every claim on real data on a 2-core CPU (README: Laptop scale)
 #   bash run_all.sh                    # full size (one GPU)
@@ -40,5 +41,6 @@ experiments=(
   style            # Nakano: layer robustness and style transfer, standard vs robust model
   report           # where the time went (since this script started); the claims and their verdicts
 )
+"$PY" advex.py plan "${experiments[@]}" "${args[@]}"            # what each stage will cost here, before any work
 "$PY" toy2d.py --out "$out"                                    # Wallace's 2D toy over 100 seeds, OUT/toy2d.png (CPU)
 "$PY" advex.py "${experiments[@]}" --since "$start" "${args[@]}"  # everything else, in the order above

@@ -714,10 +714,10 @@ def test_a_fresh_process_gives_the_same_numbers_and_an_interrupted_run_resumes(d
 
 
 def test_run_all_runs_every_experiment_in_one_process_with_its_flags(tmp_path):
-    """run_all.sh with a stand-in for python that records each command line: toy2d.py, then one advex.py process
-    with every experiment (each once, the report last), both with --out D (nothing goes to runs/); QUICK=1 and
-    SCALE pick the scale; the stand-in's exit status (advex's: non-zero when an experiment was not run) is the
-    script's."""
+    """run_all.sh with a stand-in for python that records each command line: the plan of the run, toy2d.py, then one
+    advex.py process with every experiment (each once, the report last), all with --out D (nothing goes to runs/);
+    QUICK=1 and SCALE pick the scale; the stand-in's exit status (advex's: non-zero when an experiment was not run)
+    is the script's."""
     log = tmp_path / "calls"
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
@@ -727,23 +727,25 @@ def test_run_all_runs_every_experiment_in_one_process_with_its_flags(tmp_path):
                    env=env, check=True, cwd=tmp_path)
     calls = log.read_text().splitlines()
     assert calls[0] == "-c import torch, torchvision"  # first: can this python run advex at all?
-    assert calls[1] == f"toy2d.py --out {tmp_path / 'D'}" and len(calls) == 3
-    args = calls[2].split()
+    assert calls[2] == f"toy2d.py --out {tmp_path / 'D'}" and len(calls) == 4
+    args = calls[3].split()
+    since = args.index("--since")
+    assert calls[1].split() == ["advex.py", "plan"] + args[1:since] + args[since + 2:]  # first the plan of the same run
     experiments = list(itertools.takewhile(lambda a: a in advex.EXPERIMENTS, args[1:]))
     # ilyas runs standard, robust and the constructed datasets; train-on needs a released dataset; the ablations of
     # the standard source and of D_det are studies of their own (RESULTS.md)
     assert args[0] == "advex.py" and len(experiments) == len(set(experiments)) and experiments[-1] == "report"
     assert set(advex.EXPERIMENTS) - set(experiments) == {"standard", "robust", *advex.CONSTRUCTIONS, "train-on",
-                                                         "ablation", "ablation-det"}
-    assert f"--out {tmp_path / 'D'}" in calls[2] and "--scale quick" in calls[2] and "--seeds 2" in calls[2]
-    assert "--since" in calls[2]
+                                                         "ablation", "ablation-det", "plan"}
+    assert experiments == advex.RUN_ALL  # what `plan` alone plans
+    assert f"--out {tmp_path / 'D'}" in calls[3] and "--scale quick" in calls[3] and "--seeds 2" in calls[3]
     advex.parse_args(args[1:] + ["--data", str(tmp_path)])  # a command line advex accepts
     log.unlink()
     subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--out=E"], env=dict(env, QUICK="0", SCALE="cpu"),
                    check=True, cwd=tmp_path)
     calls = log.read_text().splitlines()
-    assert "--scale cpu" in calls[2] and calls[1] == "toy2d.py --out E"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\ncase "$1" in advex.py) exit 2;; esac\n')
+    assert "--scale cpu" in calls[3] and "--scale cpu" in calls[1] and calls[2] == "toy2d.py --out E"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\ncase "$*" in *--since*) exit 2;; esac\n')
     r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, cwd=tmp_path)
     assert r.returncode == 2  # an experiment not run: the script says so with its exit status
     fake.write_text("#!/bin/sh\nexit 1\n")  # a python without torch: one line, exit 2, nothing run
@@ -1054,6 +1056,34 @@ def test_ilyas_quick_end_to_end(data_dir, tmp_path, capsys):
     assert stages and all(s["loaded"] for s in stages)
     runs = {r["run"] for r in json.load(open(out / "results.json"))["records"]}
     assert len(runs) == 1  # an output location (--export) is not part of a run's key: one row per number, not two
+
+
+def test_plan_foresees_every_stage_and_its_flops_and_makes_nothing(data_dir, tmp_path, capsys):
+    """`plan` runs the experiments on probes: it writes OUT/plan.json and nothing else, names every stage the real run
+    then makes, with the FLOPs the real run's hooks count (within 2%: a probe's slice stands for the rest exactly), and
+    after the run foresees the stages read back. report sets the plan beside the measurement."""
+    q = ["--scale", "quick", "--data", data_dir, "--download", "0", "--out", str(tmp_path)]
+    advex.main(["plan", "ilyas", "mislabeled", *q])
+    printed = capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["plan.json"] and "| standard (fastnet) |" in printed and "| total |" in printed
+    planned = json.load(open(tmp_path / "plan.json"))
+    assert planned["experiments"] == ["ilyas", "mislabeled"] and all(s["here"] > 0 for s in planned["stages"] if s["tflop"])
+    advex.main(["ilyas", "mislabeled", *q])
+    real = {s["stage"]: s["tflop"] for s in json.load(open(tmp_path / "results.json"))["stages"]}
+    plan_flops = {s["stage"]: s["tflop"] for s in planned["stages"]}
+    assert set(plan_flops) == set(real)
+    for stage, tflop in real.items():
+        if "mislabeled-teacher" not in stage:  # its early stop is not foreseen: the plan prices all its epochs
+            assert plan_flops[stage] == pytest.approx(tflop, rel=0.02, abs=2e-4), stage
+    advex.main(["plan", "ilyas", "mislabeled", *q])
+    again = {s["stage"]: s["loaded"] for s in json.load(open(tmp_path / "plan.json"))["stages"]}
+    assert {k for k, loaded in again.items() if not loaded} == {"mislabeled-student (resnet18)"}  # its input: the
+    # teacher's errors, a prediction the plan does not make
+    capsys.readouterr()
+    advex.main(["plan", "ilyas", *q])
+    advex.main(["report", "--out", str(tmp_path), "--since", "1"])
+    table = capsys.readouterr().out
+    assert "| planned (s) |" in table
 
 
 def test_saved_tensors_hold_only_their_own_values(tmp_path):
