@@ -3374,6 +3374,30 @@ def writable(folder, what):
         raise AdvexError(f"{what} {folder} is not a writable folder ({why(e)})") from None
 
 
+def idle_cores(interval=0.1):
+    """How many of this machine's cores are idle now, from /proc/stat over `interval` seconds (Linux; elsewhere: all)."""
+    def ticks():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]  # the 'cpu' line: user nice system idle iowait ...
+        return v[3] + v[4], sum(v)
+    try:
+        (idle0, total0), _, (idle1, total1) = ticks(), time.sleep(interval), ticks()
+    except (OSError, ValueError, IndexError):
+        return os.cpu_count() or 1
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(1, total1 - total0)
+
+
+@functools.cache
+def cpu_threads():
+    """The threads torch computes with on a CPU: one per idle core, at least one; OMP_NUM_THREADS, if set, decides.
+    On a machine shared with another busy process (a laptop always is), OpenMP threads that wait spin on the core the
+    other process needs: measured on this project's 2-core CPU, `advex.py ilyas --scale quick` took 5.7 s idle with 2
+    threads and 108 s beside one busy process, 6.9 s with 1 thread there (README, "Speed")."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), round(idle_cores())))
+
+
 def device_name(dev):
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
@@ -3447,6 +3471,7 @@ def main(argv=None):
         experiments, cfg = parse_args(sys.argv[1:] if argv is None else argv)
         dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                            "cpu" if cfg.device == "auto" else cfg.device)
+        torch.set_num_threads(cpu_threads())  # before torch starts its pool of threads
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -1721,6 +1721,25 @@ def test_eps_flags_take_fractions_and_seeds_is_a_count():
     assert cfg.eval_eps == (8 / 255, 0.5) and cfg.rel_eps == 8 / 255 and (cfg.seed, cfg.seeds) == (3, 2)
 
 
+def test_threads_are_one_per_idle_core(monkeypatch):
+    """/proc/stat read twice: of 400 ticks over 4 cores, 200 idle -> 2 idle cores; OMP_NUM_THREADS, when set, decides."""
+    import io
+    readings = iter(["cpu  100 0 100 1000 0 0 0 0 0 0\n", "cpu  250 0 150 1200 0 0 0 0 0 0\n"])
+    monkeypatch.setattr(advex, "open", lambda path: io.StringIO(next(readings)), raising=False)
+    monkeypatch.setattr(advex.os, "cpu_count", lambda: 4)
+    assert advex.idle_cores(0) == pytest.approx(2.0)
+    monkeypatch.setattr(advex, "idle_cores", lambda: 0.7)  # one core's worth of a busy neighbour on a 2-core machine
+    advex.cpu_threads.cache_clear()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert advex.cpu_threads() == 1
+        advex.cpu_threads.cache_clear()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert advex.cpu_threads() == torch.get_num_threads()
+    finally:
+        advex.cpu_threads.cache_clear()
+
+
 def test_full_size_on_a_cpu_says_what_it_costs(capsys):
     advex.warn_if_slow(advex.Config(width=8), torch.device("cpu"), ["ilyas"])
     out = capsys.readouterr().out

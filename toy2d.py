@@ -243,8 +243,8 @@ def _main(argv):
     torch.manual_seed(0)  # nothing here draws from the global generator; this pins it anyway
     threads = torch.get_num_threads()
     # 64x64 matrices: beyond two threads they only wait, spinning (on a 16-core GPU host it took 744 s in place of
-    # 85 s); two beat one here (18 s vs 32 s on an idle 2-core CPU)
-    torch.set_num_threads(min(2, threads))
+    # 85 s); two beat one here (18 s vs 32 s on an idle 2-core CPU), but not beside a busy process: one per idle core
+    torch.set_num_threads(min(2, advex.cpu_threads()))
     try:
         r = run(seeds, a.points, a.eps, FIT_STEPS)
     finally:
