@@ -83,7 +83,7 @@ class Config:
     attack_batch: int = 4096      # images per attack, inversion and evaluation chunk (lower it when memory is short)
     seed: int = knob(0, ">=0")    # the first seed
     seeds: int = 1                # how many seeds: --seed, --seed+1, ...; results.md shows mean ± std over them
-    scale: str = knob("full", ("full", "cpu", "quick"))  # full: one GPU | cpu: laptop scale (SCALES) | quick: seconds, for tests
+    scale: str = knob("full", ("full", "cpu", "quick", "paper"))  # full: one GPU | cpu: laptop | quick: seconds, for tests | paper: the paper's recipe (SCALES)
     since: float = knob(0.0, ">=0")  # report: time only the stages run after this Unix time (run_all.sh passes its start)
     # the paper's own source models (MadryLab's release; README, "Use from Python")
     standard_from: str = knob("", "file")  # checkpoint used as the standard model (MadryLab's ResNet-50 cifar_nat.pt)
@@ -107,7 +107,8 @@ class Config:
     epochs: int = 10              # epochs of standard training
     batch: int = 512              # training batch size
     lr: float = 0.2               # peak learning rate: linear warm-up over 20% of the steps, then linear to 0
-    momentum: float = knob(0.9, "[0,1)")  # SGD with Nesterov momentum
+    momentum: float = knob(0.9, "[0,1)")  # SGD momentum
+    optimizer: str = knob("sgd", ("sgd", "step"))  # sgd: Nesterov, one cycle (lr up over 20% of the steps, then to 0) | step: MadryLab's (lr / 10 after each third)
     wd: float = knob(5e-4, ">=0")  # weight decay
     augment: bool = True          # CIFAR training augmentation: random crop with 4-px zero padding, horizontal flip
     # adversarial training (Ilyas et al. App. C / Madry et al. 2018): L2 PGD inside the training loop
@@ -174,7 +175,7 @@ class Config:
 
 # Sizes by --scale, applied to every field a flag does not set; "full" is the defaults above (README: Deviations).
 # cpu: chosen by measurement on a 2-core CPU (RESULTS.md, "How the laptop preset was chosen").
-# quick: every experiment in seconds (the tests).
+# quick: every experiment in seconds (the tests). paper: the paper's own recipe, for GPU-hours (README, Speed).
 SCALES = {
     "full": {},
     "cpu": dict(n_train=10000, n_test=2000, n_val=2000, std_arch="fastnet", std_epochs=30, std_augment="flip", width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,
@@ -185,6 +186,11 @@ SCALES = {
                   attack_batch=64, inv_steps=5, rel_steps=5, con_epochs=2, mis_teacher_epochs=1, mis_epochs=2,
                   mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2,
                   freq_images=4, lin_size=8, lin_robustness=0.5, lin_null=50, style_images=8, style_steps=2, style_size=32, style_iters=3),
+    # paper: Ilyas et al.'s recipe (App. C; MadryLab's robustness library where the paper is silent; README, Deviations):
+    # ResNet-50 for every Sec. 3 model, 150 epochs of SGD lr 0.1 (D_rand 0.01), momentum 0.9, wd 5e-4, batch 128, lr / 10
+    # at epochs 50 and 100; the attacks, the inversion (1000 steps of 0.1) and the relabelling at their paper settings.
+    "paper": dict(std_arch="resnet50", arch="resnet50", std_epochs=150, epochs=150, adv_epochs=150, con_epochs=150,
+                  batch=128, lr=0.1, rel_lr=0.01, optimizer="step", inv_method="paper", transfer_archs=("resnet50", "resnet18", "vgg16")),
 }
 
 
@@ -660,8 +666,9 @@ def train(model, x, y, epochs, batch, lr, momentum=0.9, wd=5e-4, augment=False, 
     """Train in place with plain cross-entropy (as the paper and MadryLab do: no label smoothing).
     x: (N, C, H, W) uint8 or float images on the training device; y: (N,) int64.
     optimizer 'sgd': Nesterov momentum, lr rising linearly to `lr` over the first 20% of the steps, then
-      linearly to 0, which reaches good accuracy in few epochs. 'adam': Adam at a constant `lr`, no weight
-      decay (Nakkiran's squares).
+      linearly to 0, which reaches good accuracy in few epochs. 'step': MadryLab's robustness library's, the
+      paper's (App. C): SGD with momentum, `lr` divided by 10 after each third of the epochs (150: at 50 and 100).
+      'adam': Adam at a constant `lr`, no weight decay (Nakkiran's squares).
     adv_eps > 0: adversarial training (Madry et al. 2018; Ilyas et al. App. C): each batch is replaced by its
       highest-loss L2 PGD iterate (adv_steps steps of adv_step).
     stop(epochs_done) -> bool is asked ten times an epoch; True ends training there, on the same schedule
@@ -674,6 +681,9 @@ def train(model, x, y, epochs, batch, lr, momentum=0.9, wd=5e-4, augment=False, 
     if optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    elif optimizer == "step":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** min(2, 3 * s // total))
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=wd)
         warm = max(1, int(0.2 * total))
@@ -833,7 +843,7 @@ def recipe(cfg, adversarial=False, **over):
     augmentation's crop padding in pixels: 4, CIFAR's; 0, flips only) and pad_fill (what it pads with: 0.5 for images
     centred on grey)."""
     r = dict(arch=cfg.arch, width=cfg.width, batch=cfg.batch, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
-             augment=cfg.augment, epochs=cfg.adv_epochs if adversarial else cfg.epochs)
+             optimizer=cfg.optimizer, augment=cfg.augment, epochs=cfg.adv_epochs if adversarial else cfg.epochs)
     if adversarial:
         r.update(adv_eps=cfg.adv_eps, adv_steps=cfg.adv_steps, adv_step=cfg.adv_step)
     r.update(over)
@@ -3226,10 +3236,10 @@ EXPERIMENTS = {
     "robust": (exp_robust, "train eval adv robust_from", "cifar"),
     **{name: (functools.partial(exp_constructed, name=name), SEC3, "cifar") for name in CONSTRUCTIONS},  # d_r, ...
     "ilyas": (exp_ilyas, SEC3, "cifar"),
-    "ablation": (exp_ablation, "eval width n_train n_test n_val epochs batch lr momentum wd", "cifar"),
+    "ablation": (exp_ablation, "eval width n_train n_test n_val epochs batch lr momentum optimizer wd", "cifar"),
     "ablation-det": (exp_ablation_det, SEC3 + " n_val", "cifar"),
     "train-on": (exp_train_on, "train eval dataset", "cifar"),
-    "mislabeled": (exp_mislabeled, "mis width fastnet n_train n_test batch lr momentum wd augment", "cifar"),
+    "mislabeled": (exp_mislabeled, "mis width fastnet n_train n_test batch lr momentum optimizer wd augment", "cifar"),
     "mnist-fashion": (exp_mnist_fashion, "n_train n_test mnist momentum wd", "mnist fashion"),
     "bugs": (exp_bugs, "train adv_epochs bugs standard_from", "cifar"),
     "squares": (exp_squares, "squares width fastnet", ""),
@@ -3245,7 +3255,7 @@ EXPERIMENTS = {
 RUN_ALL = [e for e in EXPERIMENTS if e not in (*SEC3_RECORDS, "train-on", "ablation", "ablation-det", "plan")]
 SHARED = ("data", "out", "download", "device", "precision", "compile", "attack_batch", "seed", "seeds", "scale")
 TRAIN = ("arch", "width", "fastnet_act", "fastnet_pool", "fastnet_scale", "n_train", "n_test", "epochs", "batch", "lr",
-         "momentum", "wd", "augment")
+         "momentum", "optimizer", "wd", "augment")
 
 
 def fields_read(experiments):
@@ -3404,7 +3414,7 @@ def device_name(dev):
 
 def warn_if_slow(cfg, dev, experiments):
     """A full-size run on a CPU says up front what one of its models costs here, measured, and goes on."""
-    if cfg.scale != "full" or dev.type != "cpu" or set(experiments) <= {"report", "mnist-fashion", "linear-features", "squares"}:
+    if cfg.scale not in ("full", "paper") or dev.type != "cpu" or set(experiments) <= {"report", "mnist-fashion", "linear-features", "squares"}:
         return
     model, x = make_model(cfg.std_arch, cfg.width), torch.rand(32, 3, 32, 32)
     for _ in range(2):  # the second step is the one timed

@@ -773,6 +773,38 @@ def test_the_standard_source_is_the_papers_kind():
     assert advex.standard_recipe(advex.dataclasses.replace(advex.Config(), std_augment="flip"))["pad"] == 0
 
 
+# Ilyas et al.'s recipe, written out: App. C, and MadryLab's robustness library (its CIFAR defaults) where the paper is
+# silent (README, Deviations): what `--scale paper` must set, field by field.
+PAPER_RECIPE = dict(std_arch="resnet50", arch="resnet50", width=64, std_epochs=150, epochs=150, adv_epochs=150,
+                    con_epochs=150, batch=128, lr=0.1, rel_lr=0.01, momentum=0.9, wd=5e-4, optimizer="step",
+                    std_augment="crop+flip", augment=True, adv_eps=0.5, adv_steps=7, adv_step=0.1, inv_method="paper",
+                    inv_steps=1000, inv_step=0.1, rel_eps=0.5, rel_steps=100, rel_step=0.1, n_train=0, n_test=0)
+
+
+def test_the_paper_preset_is_the_papers_recipe_and_runs(data_dir, tmp_path, monkeypatch):
+    """--scale paper against PAPER_RECIPE; D_rand at lr 0.01, D_det without augmentation; MadryLab's step schedule
+    (momentum without Nesterov, lr / 10 after each third); and the preset end to end at tiny sizes (flags override)."""
+    cfg = advex.parse_args(["ilyas", "--scale", "paper"])[1]
+    assert {k: getattr(cfg, k) for k in PAPER_RECIPE} == PAPER_RECIPE
+    assert advex.CONSTRUCTIONS["d_rand"][3](cfg) == {"lr": 0.01} and advex.CONSTRUCTIONS["d_det"][3](cfg) == {"augment": False}
+    lrs, inner = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a: lrs.append((self.param_groups[0]["lr"],
+                                                                              self.param_groups[0]["nesterov"])) or inner(self, *a))
+    x, y = colour_images(20, torch.Generator().manual_seed(0))
+    advex.train(tiny_net(), x, y, epochs=6, batch=10, lr=0.1, optimizer="step")  # 12 steps: 4 at each rate
+    assert [l for l, _ in lrs] == pytest.approx([0.1] * 4 + [0.01] * 4 + [0.001] * 4) and not any(n for _, n in lrs)
+    monkeypatch.undo()
+    tiny = ["--n-train", "60", "--n-test", "20", "--width", "4", "--std-epochs", "1", "--epochs", "1", "--adv-epochs", "1",
+            "--con-epochs", "1", "--inv-steps", "2", "--rel-steps", "2", "--eval-steps", "1", "--adv-steps", "1",
+            "--batch", "20", "--attack-batch", "64"]
+    advex.main(["ilyas", "--scale", "paper", "--data", data_dir, "--download", "0", "--out", str(tmp_path), *tiny])
+    res = json.load(open(tmp_path / "results.json"))
+    assert {r["arch"] for r in res["records"] if r["experiment"] in advex.SEC3_RECORDS} == {"resnet50"}
+    run = res["runs"][res["records"][0]["run"]]
+    assert (run["scale"], run["optimizer"], run["inv_method"], run["rel_lr"]) == ("paper", "step", "paper", 0.01)
+    assert artifact(tmp_path, "d_rand-model")["key"]["lr"] == 0.01 and artifact(tmp_path, "d_det-model")["key"]["augment"] is False
+
+
 def test_ablation_trains_each_variant_as_named(data_dir, tmp_path, monkeypatch):
     """The standard source's ablation: every row names Config fields with allowed values, and at quick scale (three
     rows: airbench, plain with flips only, ResNet-18) one model per row is trained with the architecture, design,
