@@ -79,7 +79,7 @@ class Config:
     download: bool = True         # try torchvision's download when dataset files are missing
     device: str = knob("auto", re.compile(r"auto|cpu|cuda(:\d+)?"))  # auto (cuda when there is one) | cpu | cuda | cuda:N
     precision: str = knob("auto", ("auto", "fp32"))  # auto: models run in bf16 on CUDA and on CPUs with AMX, fp32 elsewhere | fp32: everywhere
-    compile: bool = False         # CUDA only: torch.compile each model's body (eager if that fails)
+    compile: bool = False         # CUDA only: torch.compile each model's body, CUDA graphs (eager if that fails)
     attack_batch: int = 4096      # images per attack, inversion and evaluation chunk (lower it when memory is short)
     seed: int = knob(0, ">=0")    # the first seed
     seeds: int = 1                # how many seeds: --seed, --seed+1, ...; results.md shows mean ± std over them
@@ -2000,15 +2000,20 @@ def new_model(r, dev, state=None):
     return model.eval()
 
 
+COMPILE = {"cuda": dict(mode="reduce-overhead")}  # --compile: torch.compile's arguments per device type (CUDA graphs)
+
+
 def maybe_compile(model, x, enabled):
-    """--compile: torch.compile the model's body when x is on CUDA (the state_dict keys stay as they are: only
-    the bound forward is replaced). A forward/backward probe on two of x's images, in eval mode so BatchNorm's
-    statistics are not touched, catches a compiler that fails; the model then stays eager."""
-    if not (enabled and x.device.type == "cuda" and hasattr(model, "body")):
+    """--compile: torch.compile the model's body on the device types of COMPILE (the state_dict keys stay as they are:
+    only the bound forward is replaced). CUDA graphs (mode 'reduce-overhead') replay each step's hundreds of kernel
+    launches as one, the cure for the launch-bound small models (README, Speed; unmeasured: no GPU was lent). A
+    forward/backward probe on two of x's images, in eval mode so BatchNorm's statistics are not touched, catches a
+    compiler that fails; the model then stays eager."""
+    if not (enabled and x.device.type in COMPILE and hasattr(model, "body")):
         return model
     was = model.training
     try:
-        model.body.forward = torch.compile(model.body.forward)
+        model.body.forward = torch.compile(model.body.forward, **COMPILE[x.device.type])
         model.eval()
         probe = to_float(x[:2]).requires_grad_(True)
         torch.autograd.grad(model(probe).float().sum(), probe)

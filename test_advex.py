@@ -545,7 +545,7 @@ def test_compile_falls_back_to_eager(monkeypatch, capsys):
     before = model.eval()(x)
     assert advex.maybe_compile(model, x, True) is model and "forward" not in vars(model.body)  # CPU: never compiled
 
-    def broken(fn):
+    def broken(fn, **kw):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(advex.torch, "compile", broken)
@@ -553,6 +553,20 @@ def test_compile_falls_back_to_eager(monkeypatch, capsys):
     advex.maybe_compile(model, fake_cuda, True)
     assert "torch.compile failed (RuntimeError: no compiler here); running eagerly" in capsys.readouterr().out
     assert "forward" not in vars(model.body) and torch.equal(model(x), before)
+
+
+def test_compiled_models_give_the_eager_numbers(data_dir, tmp_path, monkeypatch):
+    """--compile's path (the body compiled, the probe, training and attacks through the compiled forward) on the CPU
+    with torch.compile's aot_eager backend (no code generation: seconds, not minutes): the quick standard model's
+    numbers are the eager run's."""
+    compiled, inner = [], torch.compile
+    monkeypatch.setattr(advex, "COMPILE", {"cpu": dict(backend="aot_eager")})
+    monkeypatch.setattr(advex.torch, "compile", lambda fn, **kw: compiled.append(kw) or inner(fn, **kw))
+    values = lambda recs: {(r["experiment"], r["metric"]): r["value"] for r in recs}
+    eager = values(run_cli("standard", out=tmp_path / "e", data=data_dir))
+    assert not compiled
+    assert values(run_cli("standard", "--compile", out=tmp_path / "c", data=data_dir)) == eager
+    assert compiled and all(kw == dict(backend="aot_eager") for kw in compiled)
 
 
 # ---------------------------------------------------------------------------- CLI, results, bad input
