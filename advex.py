@@ -183,7 +183,7 @@ SCALES = {
                 con_epochs=25, mis_teacher_epochs=8, mis_epochs=20, mnist_epochs=10, bugs_k=3, squares_n=2000,
                 squares_lr=3e-4, transfer_width=8, freq_images=200, style_images=200, style_steps=10, style_iters=150),
     "quick": dict(n_train=200, n_test=100, n_val=50, std_arch="fastnet", std_epochs=2, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
-                  attack_batch=64, inv_steps=5, rel_steps=5, con_epochs=2, mis_teacher_epochs=1, mis_epochs=2,
+                  attack_batch=256, inv_steps=5, rel_steps=5, con_epochs=2, mis_teacher_epochs=1, mis_epochs=2,
                   mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2,
                   freq_images=4, lin_size=8, lin_robustness=0.5, lin_null=50, style_images=8, style_steps=2, style_size=32, style_iters=3),
     # paper: Ilyas et al.'s recipe (App. C; MadryLab's robustness library where the paper is silent; README, Deviations):
@@ -1446,20 +1446,26 @@ def fourier_heatmap(model, x, y, norm, batch):
     """Yin et al. 2019's Fourier heat map (Gilmer & Hendrycks' Fig. 2), per image: whether the model errs on (x, y)
     when norm * s * U_ij, s a random sign per image and channel, is added to every image and the result clipped to
     [0,1], for each frequency (i, j), i, j in -size/2 .. size/2 - 1; the map is its mean over the images. As Yin et
-    al., (i, j) and (-i, -j), the same frequency, share one measurement. Returns (N, size, size) bool, DC at
-    [:, size/2, size/2] (per image, so that two models' maps on the same images compare pairwise)."""
+    al., (i, j) and (-i, -j), the same frequency, share one measurement. The images go through the model at as many
+    frequencies at once as `batch` holds (a heat map is a thousand small passes otherwise). Returns (N, size, size)
+    bool, DC at [:, size/2, size/2] (per image, so that two models' maps on the same images compare pairwise)."""
     size, half = x.shape[-1], x.shape[-1] // 2
-    xs, wrong, done = to_float(x), torch.zeros(len(x), size, size, dtype=torch.bool), set()
+    xs, wrong, cells, measured = to_float(x), torch.zeros(len(x), size, size, dtype=torch.bool), [], set()
     for i in range(-half, half):
         for j in range(-half, half):
-            mirror = ((-i + half) % size, (-j + half) % size)  # where (-i, -j) sits in the map
-            if mirror in done:
-                wrong[:, i + half, j + half] = wrong[:, mirror[0], mirror[1]]
-                continue
-            s = torch.randint(0, 2, (len(x), x.shape[1], 1, 1), device=x.device) * 2 - 1
-            xp = (xs + norm * s * fourier_basis(size, i, j).to(x.device)).clamp(0, 1)
-            wrong[:, i + half, j + half] = (predict(model, xp, batch) != y).cpu()
-            done.add((i + half, j + half))
+            here, mirror = (i + half, j + half), ((-i + half) % size, (-j + half) % size)  # where (-i, -j) sits
+            if mirror not in measured:
+                cells.append((i, j, here, mirror))
+                measured.add(here)
+    group = max(1, batch // len(x))  # frequencies per pass
+    for k in range(0, len(cells), group):
+        part = cells[k:k + group]
+        signs = [torch.randint(0, 2, (len(x), x.shape[1], 1, 1), device=x.device) * 2 - 1 for _ in part]
+        xp = torch.cat([(xs + norm * s * fourier_basis(size, i, j).to(x.device)).clamp(0, 1)
+                        for s, (i, j, _, _) in zip(signs, part)])  # (len(part) * N, C, H, W)
+        w = (predict(model, xp, batch) != y.repeat(len(part))).view(len(part), len(x)).cpu()
+        for (_, _, here, mirror), wf in zip(part, w):
+            wrong[:, here[0], here[1]] = wrong[:, mirror[0], mirror[1]] = wf
     return wrong
 
 

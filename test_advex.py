@@ -114,7 +114,7 @@ def fit_tiny(seed, adv_eps=0.0, n=600, width=16):
     x, y = colour_images(n, torch.Generator().manual_seed(5))
     model = tiny_net(seed, width)
     with advex.bf16_on("cpu", advex.cpu_has_amx()):
-        advex.train(model, x, y, epochs=6, batch=25, lr=0.05, adv_eps=adv_eps, adv_steps=3, adv_step=adv_eps / 2)
+        advex.train(model, x, y, epochs=6, batch=25, lr=0.05, adv_eps=adv_eps, adv_steps=2, adv_step=adv_eps / 2)
     return model
 
 
@@ -516,7 +516,7 @@ def test_adversarial_training_improves_robustness(trained_tiny, robust_tiny):
     xt, yt = xt[:100], yt[:100]
     r_std = advex.robust_accuracy(std, xt, yt, 1.0, 10)
     r_rob = advex.robust_accuracy(robust_tiny, xt, yt, 1.0, 10)
-    assert r_rob > r_std + 20, (r_std, r_rob)  # measured +35 to +46 on three CPU kernel paths
+    assert r_rob > r_std + 20, (r_std, r_rob)  # measured +29 to +43 on four CPU kernel paths (2 PGD steps)
 
 
 def test_evaluation_reports_attack_settings_and_is_computed_once(trained_tiny, tmp_path):
@@ -555,18 +555,25 @@ def test_compile_falls_back_to_eager(monkeypatch, capsys):
     assert "forward" not in vars(model.body) and torch.equal(model(x), before)
 
 
-def test_compiled_models_give_the_eager_numbers(data_dir, tmp_path, monkeypatch):
-    """--compile's path (the body compiled, the probe, training and attacks through the compiled forward) on the CPU
-    with torch.compile's aot_eager backend (no code generation: seconds, not minutes): the quick standard model's
-    numbers are the eager run's."""
+def test_compiled_models_give_the_eager_numbers(monkeypatch):
+    """--compile's path (the body compiled as train_model does, the probe, then adversarial training and an attack
+    through the compiled forward) on the CPU with torch.compile's aot_eager backend (no code generation: seconds, not
+    minutes): the same weights, logits and adversarial examples as the eager path."""
     compiled, inner = [], torch.compile
     monkeypatch.setattr(advex, "COMPILE", {"cpu": dict(backend="aot_eager")})
     monkeypatch.setattr(advex.torch, "compile", lambda fn, **kw: compiled.append(kw) or inner(fn, **kw))
-    values = lambda recs: {(r["experiment"], r["metric"]): r["value"] for r in recs}
-    eager = values(run_cli("standard", out=tmp_path / "e", data=data_dir))
+    x, y = colour_images(20, torch.Generator().manual_seed(0))  # one shape: each new one is compiled anew
+
+    def run(on):
+        model = advex.maybe_compile(tiny_net(0, 8), x, on)
+        torch.manual_seed(1)
+        advex.train(model, x, y, epochs=3, batch=20, lr=0.05, adv_eps=0.5, adv_steps=1, adv_step=0.5)
+        return model(advex.to_float(x)), advex.pgd(model, x, y, 0.5, 2)[0]
+
+    eager = run(False)
     assert not compiled
-    assert values(run_cli("standard", "--compile", out=tmp_path / "c", data=data_dir)) == eager
-    assert compiled and all(kw == dict(backend="aot_eager") for kw in compiled)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(run(True), eager))
+    assert compiled == [dict(backend="aot_eager")]
 
 
 # ---------------------------------------------------------------------------- CLI, results, bad input
@@ -780,7 +787,7 @@ def test_the_standard_source_is_the_papers_kind():
         assert torch.nn.ReLU in kinds and torch.nn.GELU not in kinds, scale
         h = torch.rand(2, 3, 32, 32)
         assert torch.allclose(model.features(h), model.body(model.normalize(h)).mean(dim=(2, 3)), atol=1e-6), scale
-        if scale != "quick":
+        if scale in ("full", "cpu"):
             assert r["epochs"] >= (30 if scale == "full" else 2 * cfg.epochs), scale
     r = advex.standard_recipe(advex.Config())
     assert (r["arch"], r["augment"], r["pad"]) == ("resnet18", True, 4)  # full size: the standard crops and flips
@@ -808,7 +815,7 @@ def test_the_paper_preset_is_the_papers_recipe_and_runs(data_dir, tmp_path, monk
     advex.train(tiny_net(), x, y, epochs=6, batch=10, lr=0.1, optimizer="step")  # 12 steps: 4 at each rate
     assert [l for l, _ in lrs] == pytest.approx([0.1] * 4 + [0.01] * 4 + [0.001] * 4) and not any(n for _, n in lrs)
     monkeypatch.undo()
-    tiny = ["--n-train", "60", "--n-test", "20", "--width", "4", "--std-epochs", "1", "--epochs", "1", "--adv-epochs", "1",
+    tiny = ["--n-train", "40", "--n-test", "10", "--width", "8", "--std-epochs", "1", "--epochs", "1", "--adv-epochs", "1",
             "--con-epochs", "1", "--inv-steps", "2", "--rel-steps", "2", "--eval-steps", "1", "--adv-steps", "1",
             "--batch", "20", "--attack-batch", "64"]
     advex.main(["ilyas", "--scale", "paper", "--data", data_dir, "--download", "0", "--out", str(tmp_path), *tiny])
@@ -1075,7 +1082,8 @@ def test_ilyas_quick_end_to_end(data_dir, tmp_path, capsys):
     cut = artifact(out, "d_shortcut-from")
     assert torch.equal(cut["labels"], det["labels"]) and "d_shortcut" in {e for e, _ in got}
     delta, det_delta = cut["images"].float() - xtr / 255, det["images"].float() - xtr / 255
-    inside = ((xtr > 20) & (xtr < 235)).flatten(1).all(dim=1)  # no pixel clipped by the [0,1] box
+    inside = ((xtr > 20) & (xtr < 235)).flatten(1).all(dim=1)  # no pixel clipped by the [0,1] box, and a perturbation
+    inside &= det_delta.flatten(1).norm(dim=1) > 0.05  # well above fp16's rounding of the stored images (~0.008)
     assert inside.sum() >= 10
     assert torch.allclose(delta[inside].flatten(1).norm(dim=1), det_delta[inside].flatten(1).norm(dim=1), rtol=0.02, atol=2e-3)
     unit = delta[inside].flatten(1) / delta[inside].flatten(1).norm(dim=1, keepdim=True)
@@ -1108,7 +1116,7 @@ def test_plan_foresees_every_stage_and_its_flops_and_makes_nothing(data_dir, tmp
     """`plan` runs the experiments on probes: it writes OUT/plan.json and nothing else, names every stage the real run
     then makes, with the FLOPs the real run's hooks count (within 2%: a probe's slice stands for the rest exactly), and
     after the run foresees the stages read back. report sets the plan beside the measurement."""
-    q = ["--scale", "quick", "--data", data_dir, "--download", "0", "--out", str(tmp_path)]
+    q = ["--scale", "quick", "--data", data_dir, "--download", "0", "--out", str(tmp_path), "--mis-arch", "fastnet"]
     advex.main(["plan", "ilyas", "mislabeled", *q])
     printed = capsys.readouterr().out
     assert os.listdir(tmp_path) == ["plan.json"] and "| standard (fastnet) |" in printed and "| total |" in printed
@@ -1121,15 +1129,13 @@ def test_plan_foresees_every_stage_and_its_flops_and_makes_nothing(data_dir, tmp
     for stage, tflop in real.items():
         if "mislabeled-teacher" not in stage:  # its early stop is not foreseen: the plan prices all its epochs
             assert plan_flops[stage] == pytest.approx(tflop, rel=0.02, abs=2e-4), stage
+    capsys.readouterr()
+    advex.main(["report", "--out", str(tmp_path), "--since", "1"])
+    assert re.search(r"\| standard \(fastnet\) \| cpu .*\| \d+\.\d \|$", capsys.readouterr().out, re.M)  # planned beside
     advex.main(["plan", "ilyas", "mislabeled", *q])
     again = {s["stage"]: s["loaded"] for s in json.load(open(tmp_path / "plan.json"))["stages"]}
-    assert {k for k, loaded in again.items() if not loaded} == {"mislabeled-student (resnet18)"}  # its input: the
+    assert {k for k, loaded in again.items() if not loaded} == {"mislabeled-student (fastnet)"}  # its input: the
     # teacher's errors, a prediction the plan does not make
-    capsys.readouterr()
-    advex.main(["plan", "ilyas", *q])
-    advex.main(["report", "--out", str(tmp_path), "--since", "1"])
-    table = capsys.readouterr().out
-    assert "| planned (s) |" in table
 
 
 def test_saved_tensors_hold_only_their_own_values(tmp_path):
