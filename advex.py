@@ -991,7 +991,7 @@ DET_ABLATION = {
     "attack: eps x0.5": dict(rel_eps_x=0.5),
     "attack: eps x1.5": dict(rel_eps_x=1.5),
     "attack: eps x2": dict(rel_eps_x=2.0),
-    "attack: 2x steps": dict(rel_steps_x=2),
+    "attack: 2x steps, each half as long": dict(rel_steps_x=2),
     "attack: the last iterate": dict(rel_keep="final"),
     "fresh: 2x epochs": dict(con_epochs_x=2, sets=("d_det",)),
     "fresh: 4x epochs": dict(con_epochs_x=4, sets=("d_det",)),
@@ -1020,7 +1020,7 @@ def exp_ablation_det(cfg, dev):
             con_epochs=cfg.con_epochs * change.pop("con_epochs_x", 1), rel_eps=cfg.rel_eps * change.pop("rel_eps_x", 1),
             rel_steps=cfg.rel_steps * change.pop("rel_steps_x", 1),
             **{k: v for k, v in change.items() if k != "sets"})
-        vcfg = dataclasses.replace(vcfg, rel_step=cfg.rel_step * vcfg.rel_eps / cfg.rel_eps * cfg.rel_steps / vcfg.rel_steps)
+        vcfg = dataclasses.replace(vcfg, rel_step=cfg.rel_step * change.get("rel_eps_x", 1) * cfg.rel_steps / vcfg.rel_steps)
         over = dict(arch=fresh.get("arch", vcfg.arch), width=int(vcfg.width * fresh.get("width_x", 1)))
         src, values = standard_model(vcfg, dev, data), []
         for name in sets:
@@ -1607,9 +1607,10 @@ def well_estimated(x, block=32, factor=2.0):
     a, b = x[order[:len(x) // 2]], x[order[len(x) // 2:]]
     eigs, cov = principal_directions(a - a.mean(dim=0))
     ratio = ((b - a.mean(dim=0)) @ eigs.T).var(dim=0) / ((eigs @ cov) * eigs).sum(dim=1)  # (K,)
-    blocks = ratio[:max(1, len(ratio) // block) * block].view(-1, min(block, len(ratio))).median(dim=1).values
+    block = min(block, len(ratio))
+    blocks = ratio[:len(ratio) // block * block].view(-1, block).median(dim=1).values
     bad = (blocks > factor).nonzero().flatten().tolist()
-    return len(ratio) if not bad else max(block, bad[0] * block)
+    return (bad[0] if bad else len(blocks)) * block  # whole blocks only, every one of them checked
 
 
 def ensemble(directions, x, labels):
@@ -1680,7 +1681,7 @@ def exp_linear_features(cfg, dev):
     a = ensemble(eigs[below], x, y[:, None])  # (1, D)
     (u_in, r_in), (u_out, _) = linear_feature_stats(a, x, y, cov), linear_feature_stats(a, xt, yt, cov)
     null_out, null_in, null_r = ensemble_null(eigs[below], x, y, xt, yt, cov, cfg.lin_null)
-    p99, p = null_out.quantile(0.99).item(), (1 + (null_out >= u_out).sum().item()) / (1 + cfg.lin_null)
+    p99, p = null_out.quantile(NULL_Q).item(), (1 + (null_out >= u_out).sum().item()) / (1 + cfg.lin_null)
     recs += [rec("ensemble: directions", int(below.sum()), threshold=cfg.lin_robustness),
              rec("ensemble: usefulness on its training labels (signs chosen there)", u_in.item()),
              rec("ensemble: usefulness on test images", u_out.item()),
@@ -1688,7 +1689,7 @@ def exp_linear_features(cfg, dev):
              rec("ensemble: robustness", r_in.item()),
              rec(f"ensemble: robust usefulness at L2 {cfg.lin_eps:g} (test)", u_out.item() - cfg.lin_eps / r_in.item()),
              rec("shuffled-label null: draws", cfg.lin_null),
-             rec("shuffled-label null: test usefulness, 99th percentile", p99),
+             rec(f"shuffled-label null: test usefulness, {100 * NULL_Q:g}th percentile", p99),
              rec("shuffled-label null: test usefulness, mean", null_out.mean().item(), sd=round(null_out.std().item(), 4)),
              rec("shuffled-label null: usefulness on their own training labels, mean", null_in.mean().item()),
              rec("ensemble: p-value against the shuffled-label null", p)]
@@ -1837,9 +1838,9 @@ def exp_style(cfg, dev):
                      100 * energy_share(outs[kind] - content, hi=size // 8), band=f"max|k| <= {size // 8}"),
                  rec(f"{kind} style: share of the change's energy at high frequencies (%)",
                      100 * energy_share(outs[kind] - content, lo=size // 4), band=f"max|k| >= {size // 4}")]
-    d = closer["standard"] - closer["robust"]  # paired over the content images
-    recs.append(record(cfg, e, "judge's style distance, standard - robust: SE", d.std().item() / math.sqrt(len(d))
-                       if len(d) > 1 else math.nan, images=len(d)))
+    d = closer["standard"] - closer["robust"]  # paired over the content images; one image (--content-image): no SE
+    recs += [record(cfg, e, "judge's style distance, standard - robust: SE", d.std().item() / math.sqrt(len(d)),
+                    images=len(d))] if len(d) > 1 else []
     grid(os.path.join(cfg.out, "style.png"), f"Nakano: style transfer with a standard vs a robust model ({tag(cfg)})",
          [torch.stack([c, style[0], outs["standard"][i], outs["robust"][i]]) for i, c in enumerate(content[:4])],
          [f"content {i + 1}" for i in range(len(content[:4]))], ["content", "style", "standard model's style",
@@ -1956,9 +1957,10 @@ def save_atomic(obj, path):
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError ("unexpected pos")
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        cut = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or "unexpected pos" in str(e)
-        cause = (f"the disk is full: {free:,} bytes free" if cut and free < 2 ** 24 else
+        cut, free = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or "unexpected pos" in str(e), -1
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        cause = (f"the disk is full: {free:,} bytes free" if cut and 0 <= free < 2 ** 24 else
                  f"the write was cut short with {free:,} bytes free on the disk: a file-size limit?" if cut else why(e))
         raise AdvexError(f"cannot write {path} ({cause})") from None
 
@@ -2167,7 +2169,8 @@ def _plan_over_set(model, fn, x, batch=4096, amp=True):
     if not PLANNING:
         return _REAL["over_set"](model, fn, x, batch, amp)
     n = min(len(x), batch, PROBE)
-    key = ("over_set", _shape(model), n, tuple(x.shape[1:]), fn.__code__, amp)
+    plain = tuple(c.cell_contents for c in fn.__closure__ or () if isinstance(c.cell_contents, (int, float, str)))
+    key = ("over_set", _shape(model), n, tuple(x.shape[1:]), fn.__code__, plain, amp)  # plain: e.g. the stage measured
     out = _probe(key, model, "forward", len(x) / n, math.ceil(len(x) / batch),
                  lambda: _REAL["over_set"](model, fn, x[:n], batch, amp))
     return out.new_zeros((len(x),) + out.shape[1:])
@@ -2371,7 +2374,8 @@ def spearman(a, b):
 #   relative:   the paper's own statement is relative to its baseline (D_R's 84.1% against a standard 95.3%): ours, over
 #               this run's baseline (the last value a row needs), must reach REL x the paper's ratio, PAPER's numbers;
 #   comparison: two of this run's numbers, ordered, by more than Z standard errors of their difference.
-# Besides the papers' numbers (PAPER) and chance, these are the only constants in CLAIMS, each named once:
+# Besides the papers' numbers (PAPER) and chance (a tenth, or half for a two-way label), these are the only constants
+# in CLAIMS, each named once:
 CHANCE = 10.0    # %: ten classes (CIFAR-10, MNIST)
 REL = 0.75       # relative claims: at least 3/4 of the paper's ratio
 Z = 3.0          # standard errors: a difference, or a margin over chance, within them is noise, not a HOLDS
@@ -2380,8 +2384,8 @@ FLAT = 10.0      # %: a high-pass filter keeping at most this share of the non-D
 
 
 def se(p, n):
-    """The binomial standard error, in points, of a percentage p measured on n images; with Agresti and Coull's
-    (k + 2) / (n + 4), so that 0% and 100% have one too."""
+    """The binomial standard error, in points, of a percentage p measured on n images, at Agresti and Coull's estimate
+    (k + 2) / (n + 4) of the rate, so that 0% and 100% have one too (over n, not n + 4: on the safe side)."""
     q = (p / 100 * n + 2) / (n + 4)
     return 100 * math.sqrt(q * (1 - q) / n)
 
@@ -2415,11 +2419,13 @@ def judged(*parts):
 
 
 def within_noise_ties(values, ses):
-    """values with every run of neighbours (in sorted order) closer than Z standard errors replaced by its mean: ties."""
+    """values tied where they are within noise: in sorted order, each value within Z standard errors of the smallest
+    of its group joins the group (no chains of small steps), and every group's values are replaced by their mean."""
     order, out = sorted(range(len(values)), key=values.__getitem__), list(values)
     groups = [[order[0]]]
-    for i, j in zip(order, order[1:]):
-        if values[j] - values[i] <= Z * math.hypot(ses[i], ses[j]):
+    for j in order[1:]:
+        first = groups[-1][0]
+        if values[j] - values[first] <= Z * math.hypot(ses[first], ses[j]):
             groups[-1].append(j)
         else:
             groups.append([j])
@@ -2452,7 +2458,7 @@ S, B, F_, L_, S_ = "standard", "bugs {} {}", "frequency", "linear-features", "st
 ACC, R7, N = "standard acc", "robust acc L2 0.25, 7 steps of eps/5", "test images"
 PAPER_FIG3 = spearman(*[[PAPER[("transfer", m, a)] for a in ("vgg16", "resnet18", "resnet50")]
                         for m in ("transfer rate", "D_det-trained test acc")])
-BUGS = [(B.format(n, m), "{}") for n in ("l2", "linf") for m in ("bugs", "pgd")]  # his L2, plain L2, his Linf, plain Linf
+BUGS = [B.format(n, m) for n in ("l2", "linf") for m in ("bugs", "pgd")]  # his L2, plain L2, his Linf, plain Linf
 # (claim, kind, criterion, the (experiment, metric) values it needs, test(*values) -> bool or (bool or None, note)).
 # A value is the mean over seeds of one run; a metric recorded for several architectures gives {arch: value}. A
 # relative claim's last value is its baseline: where this run lacks it, the claim is NOT RUN. test_advex.py holds
@@ -2500,11 +2506,11 @@ CLAIMS = [
      [("toy2d", "model 2: original points right, median")], lambda m: m > 32 / 2),
     ("Nakkiran: his examples do not transfer; plain PGD's do", "absolute",
      f"transfer to a fresh model (L2 and Linf): his < chance; plain PGD's > chance + {Z:g} SE",
-     [(e, "transfer to fresh model") for e, _ in BUGS] + [("bugs", "attacked images")],
+     [(e, "transfer to fresh model") for e in BUGS] + [("bugs", "attacked images")],
      lambda *v: _nakkiran(*v, low="chance")),
     ("Nakkiran: a model trained on his examples learns nothing of the true labels; plain PGD's does", "absolute",
      f"true-label test acc (L2 and Linf): his < chance + {Z:g} SE; plain PGD's > chance + {Z:g} SE",
-     [(e, "trained-on: test acc, true labels") for e, _ in BUGS] + [("bugs", N)], lambda *v: _nakkiran(*v, low="noise")),
+     [(e, "trained-on: test acc, true labels") for e in BUGS] + [("bugs", N)], lambda *v: _nakkiran(*v, low="noise")),
     ("Nakkiran: on adversarial squares, where every useful feature is robust, a memorising net is not robust",
      "comparison", f"memorising net flipped at Linf 0.01 on most test points (> 50%), more than the same run after 1 "
      f"epoch by {Z:g} SE", [("squares", "net memorising: flipped by Linf 0.01"), ("squares", "net 1 epoch: flipped by "
@@ -2541,11 +2547,11 @@ CLAIMS = [
      f"Spearman(log robustness, test usefulness) over the eigenvectors up to a cut chosen on the training images (signs "
      f"chosen on training images) > {Z:g} SE (1/sqrt(n - 1))",
      [(L_, "eigenvectors up to the cut: Spearman(log robustness, test usefulness)"), (L_, "eigenvectors up to the cut")],
-     lambda rho, n: beyond(rho, 0, 1 / math.sqrt(n - 1), "rho ")),
+     lambda rho, n: beyond(rho, 0, 1 / math.sqrt(n - 1), "rho ") if n >= 3 else (None, "fewer than 3 directions")),
     ("Goh: a sum of non-robust directions is a useful, non-robust feature", "absolute",
      f"ensemble usefulness on test images (signs chosen on training images) > the {NULL_Q:g} quantile of a permutation "
      f"null (the training labels shuffled, the signs chosen again, each draw); p printed",
-     [(L_, "ensemble: usefulness on test images"), (L_, "shuffled-label null: test usefulness, 99th percentile"),
+     [(L_, "ensemble: usefulness on test images"), (L_, f"shuffled-label null: test usefulness, {100 * NULL_Q:g}th percentile"),
       (L_, "ensemble: p-value against the shuffled-label null")], lambda u, q, p: u > q),
     ("Nakano (the authors' reply): a robust model's layers are more robust", "comparison",
      f"R(f) standard - robust > {Z:g} SE at every stage and radius (SE over the images)",
@@ -2608,9 +2614,10 @@ def stage_table(stages, wall=None, planned=None):
     else its H100 column). wall: the whole run's wall time; what the stages do not cover (process start-up, data
     loading, small steps) gets a row."""
     rows, predicted = {}, {}
+    machine = lambda d: d.split(" (")[0]  # 'cpu (2 threads)' -> 'cpu': a plan's thread count may differ from the run's
+    here = bool(planned and stages) and machine(planned["device"]) == machine(stages[0].get("device", ""))
     for s in (planned or {}).get("stages", []):
         if not s["loaded"]:
-            here = planned["device"] == stages[0].get("device") if stages else True
             predicted[s["stage"]] = predicted.get(s["stage"], 0.0) + s["here" if here else "h100"]
     for s in stages:
         r = rows.setdefault((s["stage"], s["loaded"]), dict(s, seconds=0.0, tflop=0.0, n=0))
@@ -2619,7 +2626,8 @@ def stage_table(stages, wall=None, planned=None):
         r["n"] += 1
     covered = sum(r["seconds"] for r in rows.values())
     total = max(wall or 0.0, covered) or 1e-9
-    lines = ["| stage | device | seconds | share | TFLOP | TFLOP/s | planned (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| stage | device | seconds | share | TFLOP | TFLOP/s | planned {'here' if here else 'on one H100'} (s) |",
+             "|---|---|---|---|---|---|---|"]
     share = lambda s: (f"{s:.1f}", f"{100 * s / total:.1f}%")  # seconds, share of the total
     for (name, loaded), r in rows.items():
         plan_s = "" if loaded or name not in predicted else f"{predicted[name]:.1f}"
@@ -2837,10 +2845,13 @@ def figure_fig2(cfg, recs):
          note=f"robust acc: L2 PGD at eps 0.25, {cfg.eval_steps} steps of 2.5 eps/steps; D (standard): both under the "
               f"paper's 7 steps of eps/5, as its 4.5 was measured. Ours: {source_names(cfg)}; the paper's: ResNet-50")
     bars(os.path.join(cfg.out, "table1.png"), f"Ilyas et al. Table 1: D_rand and D_det ({tag(cfg)})",
-         "test accuracy (%) on the real test set", ("D_rand", "D_det"),
-         [("ours", BLUE, [v.get(("d_rand", "standard acc")), v.get(("d_det", "standard acc"))]),
-          ("paper (CIFAR-10)", LIGHT_BLUE, [PAPER[("d_rand", "standard acc")], PAPER[("d_det", "standard acc")]])],
-         note=f"targeted L2 PGD on the standard model, eps {cfg.rel_eps:g}, {cfg.rel_steps} steps of {cfg.rel_step:g}; chance 10%")
+         "test accuracy (%) on the real test set", ("D_rand", "D_det", "D_det's control"),
+         [("ours", BLUE, [v.get((e, "standard acc")) for e in ("d_rand", "d_det", "d_shortcut")]),
+          ("ours, on the shifted labels y+1", ORANGE, [None, *(v.get((e, "test acc on shifted labels y+1"))
+                                                                for e in ("d_det", "d_shortcut"))]),
+          ("paper (CIFAR-10)", LIGHT_BLUE, [PAPER[("d_rand", "standard acc")], PAPER[("d_det", "standard acc")], None])],
+         note=f"targeted L2 PGD on the standard model, eps {cfg.rel_eps:g}, {cfg.rel_steps} steps of {cfg.rel_step:g}; "
+              f"the control: D_det's perturbations replaced by a fixed pattern per class; chance 10%")
 
 
 def figure_transfer(cfg, recs):
@@ -2924,9 +2935,10 @@ def torch_load(path):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        with open(path, "rb") as f:
+        head = b""
+        with contextlib.suppress(OSError), open(path, "rb") as f:
             head = f.read(4)
-        plain_pickle = head[:1] == b"\x80" and head != b"\x80\x02\x8a\x0a"  # torch.save: a zip, or (before 1.6) its magic
+        plain_pickle = head[:1] == b"\x80" and head[2:] != b"\x8a\x0a"  # torch.save: a zip, or (before 1.6) its magic
         cause = ("it holds Python objects that only code can rebuild, which weights_only=True refuses (MadryLab saved "
                  "theirs with dill): if you trust the file, save its ['model'] state_dict alone with torch.save and pass "
                  "that" if "GLOBAL" in str(e) else "it is a plain Python pickle, not a file torch.save wrote (advex reads "
@@ -3063,7 +3075,8 @@ def cifar_full(cfg):
         copy = settings_key([os.path.abspath(folder)] + [(f.st_size, f.st_mtime_ns, f.st_ctime_ns, f.st_ino) for f in files])
         seen = os.path.join(cfg.out, "artifacts", f".cifar-copy-{copy}")
         if os.path.isfile(seen):
-            official = open(seen).read() == "official\n"
+            with open(seen) as f:
+                official = f.read() == "official\n"
         else:
             official = cifar_official(folder)
             if not official:
@@ -3079,12 +3092,12 @@ def cifar(cfg, dev, validation=False):
     """CIFAR-10 on the device, moved there once per process: the first --n-train training and --n-test test images,
     uint8 (N,3,32,32), int64 labels. Returns cfg with n_train / n_test set to the numbers used, and (xtr, ytr, xte, yte).
     validation: the ablations', which choose settings and so must never see the test images the claims are judged
-    on: (xte, yte) are the last --n-val *training* images instead, and the training images stop before them."""
+    on: (xte, yte) are the last --n-val *training* images instead (all of them), and the training images stop before."""
     xtr, ytr, xte, yte = cifar_full(cfg)
     if validation:
         nval = min(cfg.n_val, len(xtr) // 2)
         xtr, ytr, xte, yte = xtr[:len(xtr) - nval], ytr[:len(xtr) - nval], xtr[len(xtr) - nval:], ytr[len(xtr) - nval:]
-    ntr, nte = first_n(cfg.n_train, len(xtr), "n-train"), first_n(cfg.n_test, len(xte), "n-test")
+    ntr, nte = first_n(cfg.n_train, len(xtr), "n-train"), len(xte) if validation else first_n(cfg.n_test, len(xte), "n-test")
     if ("cifar", cfg.data, dev, ntr, nte, validation) not in DATA:
         DATA["cifar", cfg.data, dev, ntr, nte, validation] = (xtr[:ntr].to(dev), ytr[:ntr].to(dev), xte[:nte].to(dev),
                                                               yte[:nte].to(dev))
@@ -3225,7 +3238,7 @@ def exp_report(cfg, dev):
     scale = cfg.scale or latest_scale(res)
     plan_file = os.path.join(cfg.out, "plan.json")
     planned = json.load(open(plan_file)) if os.path.isfile(plan_file) else None  # run_all.sh plans first
-    planned = planned if planned and planned["scale"] == scale and planned["time"] >= cfg.since else None
+    planned = planned if planned and cfg.since and planned["scale"] == scale and planned["time"] >= cfg.since else None
     log(stage_table([s for s in res["stages"] if s["time"] >= cfg.since], time.time() - cfg.since if cfg.since else None,
                     planned))
     log(f"claims, scale {scale}" + (" (quick: tiny sizes; these verdicts mean nothing)" if scale == "quick" else "") + ":")
@@ -3325,6 +3338,8 @@ def parse_args(argv):
     experiments = given.pop("experiments")
     if len(set(experiments)) < len(experiments):
         raise AdvexError(f"each experiment once, please: {' '.join(experiments)}")
+    if "plan" in experiments[1:]:
+        raise AdvexError("plan comes first: advex.py plan EXPERIMENT ... (it plans them, and runs nothing)")
     unused = [k for k in given if k not in reads]
     if unused:
         log(f"advex: note: {' '.join(experiments)} does not read {', '.join('--' + k.replace('_', '-') for k in unused)}")
@@ -3504,7 +3519,7 @@ def main(argv=None):
         PROVENANCE.clear()
         planned = experiments[0] == "plan"
         if planned:  # plan: the whole of run_all.sh unless experiments are named
-            experiments = [e for e in experiments[1:] or EXPERIMENTS if e in RUN_ALL]
+            experiments = [e for e in experiments[1:] or RUN_ALL if e != "report"]
         problem = {d: data_missing(cfg, d) for e in experiments for d in EXPERIMENTS[e][2].split()}  # once per dataset
         missing = {e: why for e in experiments if (why := "; ".join(problem[d] for d in EXPERIMENTS[e][2].split() if problem[d]))}
         if len(experiments) == 1 and missing:
@@ -3513,7 +3528,7 @@ def main(argv=None):
             log(f"advex: not running {e}: {why}")
         if planned:
             with bf16_on(dev.type, bf16):
-                return plan(cfg, dev, [e for e in experiments if e not in missing and e != "report"])
+                return plan(cfg, dev, [e for e in experiments if e not in missing])
         if missing:
             write_results(cfg.out, [], {}, scale=cfg.scale, not_run=missing)
         t0 = time.time()
