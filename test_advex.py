@@ -643,6 +643,7 @@ def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path, capsys):
     err = cli_error(capsys, "standard", *q, "--data", empty)
     assert "CIFAR-10 not found" in err and "cifar-10-batches-py" in err and "data_batch_1" in err
     cli_error(capsys, "nosuch", *q)
+    assert "plan comes first" in cli_error(capsys, "standard", "plan", *q)  # plan runs nothing: not one of the runs
     cases = {("--arch", "resnet7"): "unknown --arch 'resnet7'", ("--no-such-flag", "1"): "unrecognized",
              ("--eval-eps", "-0.5"): "--eval-eps", ("--adv-eps", "-1"): "--adv-eps must be a finite number >=0",
              ("--eval-steps", "0"): "--eval-steps must be a finite number >0", ("--seeds", "0,1"): "--seeds",
