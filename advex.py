@@ -252,11 +252,15 @@ class Net(nn.Module):
             self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def normalize(self, x):
-        name, (lo, hi) = type(self).__name__, self.pixels
+        name, (lo, hi), c = type(self).__name__, self.pixels, self.mean.shape[1]
+        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != c:
+            raise AdvexError(f"{name} takes images (B, {c}, H, W), not {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
         if not x.is_floating_point():  # uint8 pixels would be read as values in [0,255] and give garbage logits
             raise AdvexError(f"{name} takes float images in [{lo:g},{hi:g}], not {x.dtype} (advex.to_float converts uint8)")
-        if x.device.type == "cpu" or not getattr(self, "checked", False):  # on a GPU the first batch only: no sync
+        if x.numel() and (x.device.type == "cpu" or not getattr(self, "checked", False)):  # on a GPU the first batch only
             a, b = (v.item() for v in torch.aminmax(x.detach()))
+            if not (math.isfinite(a) and math.isfinite(b)):
+                raise AdvexError(f"{name}: the images hold NaN or infinite values")
             if a < lo - self.SLACK or b > hi + self.SLACK:
                 raise AdvexError(f"{name} takes float images in [{lo:g},{hi:g}], got values from {a:.4g} to {b:.4g} (pixels "
                                  f"in 0..255? divide by 255; normalised images? the model normalises them itself)")
@@ -2261,8 +2265,10 @@ def read_results(out, must_exist=False):
         with open(path) as f:
             res = json.load(f)
         assert isinstance(res["records"], list) and isinstance(res["runs"], dict) and isinstance(res["stages"], list)
-        assert all({"experiment", "metric", "value", "seed", "arch", "run", "scale"} <= set(r) for r in res["records"])
-        assert isinstance(res.setdefault("not_run", {}), dict)
+        assert all({"experiment", "metric", "value", "seed", "arch", "run", "scale", "settings"} <= set(r) and
+                   isinstance(r["value"], (int, float)) and isinstance(r["settings"], dict) for r in res["records"])
+        assert all(isinstance(s, dict) and {"stage", "seconds", "tflop", "loaded", "time"} <= set(s) for s in res["stages"])
+        assert isinstance(res.setdefault("not_run", {}), dict) and all(isinstance(v, dict) for v in res["not_run"].values())
     except Exception:
         raise AdvexError(f"{path} is not an advex results file (unreadable, or written by another version); "
                          f"move it away or choose another --out") from None
@@ -2957,6 +2963,7 @@ class _CifarUnpickler(pickle.Unpickler):
     of ints: numpy's array reconstruction is the only code they need. Anything else a file names (os.system,
     ...) is refused before it can run."""
     SAFE = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5's arrays
             ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
@@ -3033,7 +3040,7 @@ def read_idx(path, dims):
     if len(raw) < head or raw[:4] != bytes([0, 0, 8, dims]):
         raise AdvexError(f"{path} is not an IDX file of {dims}-d uint8 data (its first bytes are {raw[:4].hex() or 'missing'})")
     shape = struct.unpack(f">{dims}I", raw[4:head])
-    if len(raw) - head != math.prod(shape):
+    if len(raw) - head != math.prod(shape) or not math.prod(shape):
         raise AdvexError(f"{path} holds {len(raw) - head} bytes of data; its header says {math.prod(shape)} (truncated?)")
     return torch.frombuffer(bytearray(raw[head:]), dtype=torch.uint8).view(*shape)
 
@@ -3148,20 +3155,46 @@ def load(path, device="cpu"):
     results.json names each model's file), MadryLab's robustness release (cifar_nat.pt, cifar_l2_0_5.pt) or
     RobustBench's CIFAR-10 ResNet-50 (Engstrom2019Robustness). It takes images in [0,1], (B, 3, 32, 32), and returns
     logits (B, 10): the convention of RobustBench, AutoAttack and torchattacks. Read with weights_only=True."""
+    if os.path.isdir(path):
+        raise AdvexError(f"{path} is a folder, not a checkpoint file")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise AdvexError(f"unknown device {device!r}: cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AdvexError(f"device {device} asked for, but CUDA is not available on this machine")
     d = torch_load(path)
     if isinstance(d, dict) and isinstance(d.get("state_dict"), dict) and isinstance(d.get("arch"), str):
-        r = dict(arch=d["arch"], width=d.get("width", 64), classes=d.get("classes", 10), design=d.get("design"),
+        r = dict(arch=d["arch"], width=d.get("width", 64), classes=d.get("classes", 10), design=d.get("design") or {},
                  pixels=d.get("pixels", Net.pixels))
         state = d["state_dict"]
+        design, pixels = r["design"], r["pixels"]
+        problem = (f"an architecture {r['arch']!r}" if r["arch"] not in (*ARCHS, "mnist_cnn", "linear") else
+                   f"width {r['width']!r}" if type(r["width"]) is not int or r["width"] < (0 if r["arch"] in ("mnist_cnn", "linear") else 2) else
+                   f"{r['classes']!r} classes" if type(r["classes"]) is not int or r["classes"] < 2 else
+                   f"the design {design!r}" if not isinstance(design, dict) or not set(design) <= {"act", "pool", "scale"} or
+                   design.get("act", "gelu") not in ("gelu", "relu") or design.get("pool", "max") not in ("max", "avg") or
+                   not (isinstance(design.get("scale", 1.0), (int, float)) and 0 < design.get("scale", 1.0) < math.inf) else
+                   f"the pixel range {pixels!r}" if not (isinstance(pixels, (tuple, list)) and len(pixels) == 2 and
+                                                        all(isinstance(v, (int, float)) and math.isfinite(v) for v in pixels)
+                                                        and pixels[0] < pixels[1]) else "")
+        if problem:
+            raise AdvexError(f"{path} is not a checkpoint advex can read: it gives {problem}")
     else:
         state = _resnet50_state(d, path)
         r = dict(arch="resnet50", width=state["body.0.0.weight"].shape[0], classes=state["head.weight"].shape[0])
-    model = new_model(r, torch.device(device))
+    bad = [k for k, v in state.items() if not torch.is_tensor(v) or v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise AdvexError(f"{path} holds NaN or infinite weights (in {bad[0]}): it cannot give a meaningful number")
+    if "std" in state and not (state["std"] > 0).all():
+        raise AdvexError(f"{path} normalises with a standard deviation <= 0")
+    model = new_model(r, device)
     state = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **state}
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise AdvexError(f"{path} does not fit a {r['arch']} model ({why(e)})") from None
+        detail = " ".join(str(e).split())[:300]  # the keys or shapes that do not fit
+        raise AdvexError(f"{path} does not fit a {r['arch']} model ({type(e).__name__}: {detail})") from None
     model.arch = r["arch"]
     return model
 
@@ -3187,15 +3220,20 @@ def load_released(folder):
             raise AdvexError(f"released dataset: {path} not found (expected CIFAR_ims and CIFAR_lab in {folder})")
         t = torch_load(path)
         if isinstance(t, (list, tuple)) and t and all(isinstance(u, torch.Tensor) for u in t):
-            t = torch.cat([u.reshape(-1, *u.shape[1:]) if u.dim() else u.view(1) for u in t])
+            try:
+                t = torch.cat([u.reshape(-1, *u.shape[1:]) if u.dim() else u.view(1) for u in t])
+            except RuntimeError:
+                raise AdvexError(f"released dataset: {path} holds tensors of shapes that do not stack "
+                                 f"({', '.join(str(tuple(u.shape)) for u in t[:3])}, ...)") from None
         if not isinstance(t, torch.Tensor):
             raise AdvexError(f"released dataset: {path} holds {type(t).__name__}, not a tensor or list of tensors")
         parts.append(t)
     (ims, lab), (ims_path, lab_path) = parts, (os.path.join(folder, "CIFAR_ims"), os.path.join(folder, "CIFAR_lab"))
     problem = (f"{ims_path} holds {ims.dtype} {tuple(ims.shape)}, not float images (N,3,32,32)"
-               if ims.dim() != 4 or ims.shape[1:] != (3, 32, 32) or not ims.is_floating_point() else
+               if ims.dim() != 4 or ims.shape[1:] != (3, 32, 32) or not ims.is_floating_point() or not len(ims) else
                f"{lab_path} holds {lab.dtype} {tuple(lab.shape)}, not ({len(ims)},) class indices (one per image)"
-               if lab.dim() != 1 or len(lab) != len(ims) or lab.is_floating_point() and (lab != lab.round()).any() else
+               if lab.dim() != 1 or len(lab) != len(ims) or lab.dtype in (torch.bool, torch.complex64, torch.complex128)
+               or lab.is_floating_point() and (lab != lab.round()).any() else
                f"{ims_path} holds values that are not finite" if not torch.isfinite(ims).all() else
                f"{ims_path} holds pixels from {ims.min().item():g} to {ims.max().item():g}, not within [0,1]"
                if ims.min() < 0 or ims.max() > 1 else
@@ -3221,10 +3259,12 @@ def read_image(path):
     from PIL import Image
     try:
         with Image.open(path) as im:
+            if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr"):  # 16-bit or float pixels: Pillow's
+                raise AdvexError(f"{im.mode} pixels: save it as an 8-bit image")      # RGB would clip or darken them
             return torch.tensor(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8).view(im.height, im.width, 3) \
                 .permute(2, 0, 1).float() / 255
     except Exception as e:
-        raise AdvexError(f"cannot read image {path} ({why(e)})") from None
+        raise AdvexError(f"cannot read image {path} ({str(e) if isinstance(e, AdvexError) else why(e)})") from None
 
 
 # =====================================================================================================================
@@ -3236,9 +3276,10 @@ def exp_report(cfg, dev):
     latest run's); rewrite results.md for that scale."""
     res = read_results(cfg.out, must_exist=True)
     scale = cfg.scale or latest_scale(res)
-    plan_file = os.path.join(cfg.out, "plan.json")
-    planned = json.load(open(plan_file)) if os.path.isfile(plan_file) else None  # run_all.sh plans first
-    planned = planned if planned and cfg.since and planned["scale"] == scale and planned["time"] >= cfg.since else None
+    planned = None  # run_all.sh plans first: OUT/plan.json, if this run made it
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(os.path.join(cfg.out, "plan.json")) as f:
+        p = json.load(f)
+        planned = p if cfg.since and p["scale"] == scale and p["time"] >= cfg.since and isinstance(p["stages"], list) else None
     log(stage_table([s for s in res["stages"] if s["time"] >= cfg.since], time.time() - cfg.since if cfg.since else None,
                     planned))
     log(f"claims, scale {scale}" + (" (quick: tiny sizes; these verdicts mean nothing)" if scale == "quick" else "") + ":")
@@ -3307,9 +3348,9 @@ def _bool(s):
 
 def _number(s):
     """A float, or a fraction such as 8/255 (how Linf bounds are written)."""
-    a, _, b = str(s).partition("/")
+    a, slash, b = str(s).partition("/")
     try:
-        return float(a) / float(b) if b else float(a)
+        return float(a) / float(b) if slash else float(a)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected a number (or a fraction such as 8/255), got {s!r}") from None
 
@@ -3371,6 +3412,10 @@ def check_config(cfg, experiments=None):
                 raise AdvexError(f"unknown {flag} {u!r}")
             if rule == "file" and u and not os.path.isfile(u):
                 raise AdvexError(f"{flag} {u}: " + ("is a folder, not a file" if os.path.isdir(u) else "no such file"))
+    if not cfg.out:
+        raise AdvexError("--out needs a folder")
+    if cfg.freq_low >= cfg.freq_high:
+        raise AdvexError(f"--freq-low {cfg.freq_low} must be below --freq-high {cfg.freq_high}: the bands must not overlap")
     if experiments is None:
         return
     source = cfg.std_arch
@@ -3520,6 +3565,8 @@ def main(argv=None):
         planned = experiments[0] == "plan"
         if planned:  # plan: the whole of run_all.sh unless experiments are named
             experiments = [e for e in experiments[1:] or RUN_ALL if e != "report"]
+            if not experiments:
+                raise AdvexError("plan report: report does no work to plan; name the experiments of the run")
         problem = {d: data_missing(cfg, d) for e in experiments for d in EXPERIMENTS[e][2].split()}  # once per dataset
         missing = {e: why for e in experiments if (why := "; ".join(problem[d] for d in EXPERIMENTS[e][2].split() if problem[d]))}
         if len(experiments) == 1 and missing:

@@ -341,6 +341,9 @@ def test_mnist_loader_reads_idx_and_names_bad_files(data_dir, tmp_path):
     images.write_bytes(data[:1000])
     with pytest.raises(advex.AdvexError, match="truncated"):
         advex.load_mnist(str(tmp_path), download=False)
+    images.write_bytes(struct.pack(">IIII", 2051, 0, 28, 28))  # a header that says no images
+    with pytest.raises(advex.AdvexError, match="its header says 0"):
+        advex.load_mnist(str(tmp_path), download=False)
 
 
 def test_augmentation_is_a_shifted_and_maybe_flipped_crop():
@@ -410,6 +413,22 @@ def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
     with pytest.raises(advex.AdvexError, match=r"cannot read .*Python objects.*dill.*\['model'\] state_dict"):
         advex.load(path)
     assert not (tmp_path / "pwned").exists()
+    ck = advex.checkpoint(model, dict(arch="fastnet", width=8), 1.0)
+    for change, message in ((lambda c: c["state_dict"]["head.weight"].fill_(float("nan")), "NaN or infinite weights"),
+                            (lambda c: c.update(design=dict(act="tanh")), "it gives the design"),
+                            (lambda c: c.update(classes=0), "it gives 0 classes"),
+                            (lambda c: c.update(width="8"), "it gives width '8'"),
+                            (lambda c: c.update(pixels=(0, 1, 2)), "pixel range")):
+        c = advex.checkpoint(model, dict(arch="fastnet", width=8), 1.0)
+        c["state_dict"] = {k: v.clone() for k, v in c["state_dict"].items()}
+        change(c)
+        torch.save(c, path)
+        with pytest.raises(advex.AdvexError, match=message):
+            advex.load(path)
+    with pytest.raises(advex.AdvexError, match="is a folder"):
+        advex.load(str(tmp_path))
+    with pytest.raises(advex.AdvexError, match="unknown device 'gpu'"):
+        advex.load(path, device="gpu")
     with open(path, "wb") as f:  # a plain pickle of tensors: said to be one, not "truncated"
         pickle.dump({"model": {"w": torch.zeros(2)}}, f)
     with pytest.raises(advex.AdvexError, match=r"cannot read .*m\.pt: it is a plain Python pickle, not a file torch.save wrote"):
@@ -644,6 +663,10 @@ def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path, capsys):
     assert "CIFAR-10 not found" in err and "cifar-10-batches-py" in err and "data_batch_1" in err
     cli_error(capsys, "nosuch", *q)
     assert "plan comes first" in cli_error(capsys, "standard", "plan", *q)  # plan runs nothing: not one of the runs
+    assert "report does no work to plan" in cli_error(capsys, "plan", "report", *q)
+    assert "--out needs a folder" in cli_error(capsys, "standard", *q, "--out", "")
+    assert "expected a number" in cli_error(capsys, "standard", *q, "--lr", "1/")
+    assert "must not overlap" in cli_error(capsys, "frequency", *q, "--freq-low", "8", "--freq-high", "8")
     cases = {("--arch", "resnet7"): "unknown --arch 'resnet7'", ("--no-such-flag", "1"): "unrecognized",
              ("--eval-eps", "-0.5"): "--eval-eps", ("--adv-eps", "-1"): "--adv-eps must be a finite number >=0",
              ("--eval-steps", "0"): "--eval-steps must be a finite number >0", ("--seeds", "0,1"): "--seeds",
@@ -1028,6 +1051,13 @@ def test_released_dataset_loader(tmp_path):
     with pytest.raises(advex.AdvexError, match="cannot read"):
         advex.load_released(str(tmp_path / "a"))
     assert not (tmp_path / "pwned").exists()
+    for ims, lab, message in ((torch.rand(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), "not float images"),
+                              (torch.rand(4, 3, 32, 32), torch.ones(4, dtype=torch.bool), r"not \(4,\) class indices"),
+                              ([torch.rand(2, 3, 32, 32), torch.rand(2, 3, 16, 16)], torch.zeros(4, dtype=torch.long),
+                               "do not stack")):
+        write_released(tmp_path / "b", ims, lab)
+        with pytest.raises(advex.AdvexError, match=message):
+            advex.load_released(str(tmp_path / "b"))
 
 
 def test_train_on_released_dataset_cli(data_dir, tmp_path):
@@ -1227,6 +1257,31 @@ def test_report_and_toy_check_their_out_before_any_work(tmp_path, capsys, monkey
     assert "not a writable folder" in cli_error(capsys, "report", "--out", str(tmp_path))
     monkeypatch.setattr(toy2d, "run", lambda *a, **k: pytest.fail("the toy ran before checking --out"))
     assert "not a writable folder" in cli_error(capsys, "--out", str(tmp_path), main=toy2d.main, prog="toy2d")
+    assert "--seed and --figure-seed in 0..2^63" in cli_error(capsys, "--seed", str(2 ** 64), "--out", str(tmp_path),
+                                                              main=toy2d.main, prog="toy2d")
+    assert "--figure-seed" in cli_error(capsys, "--figure-seed", "-5", "--out", str(tmp_path), main=toy2d.main, prog="toy2d")
+
+
+def test_images_of_16_bit_or_float_pixels_are_refused(tmp_path):
+    """Pillow would clip a 16-bit PNG to white and darken a float image on its way to 8-bit RGB: refused, said why."""
+    from PIL import Image
+    Image.fromarray(torch.full((8, 8), 40000, dtype=torch.int32).numpy().astype("uint16")).save(tmp_path / "deep.png")
+    with pytest.raises(advex.AdvexError, match=r"cannot read image \S+deep\.png \(I;16\S* pixels: save it as an 8-bit image\)"):
+        advex.read_image(str(tmp_path / "deep.png"))
+    Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(tmp_path / "ok.png")
+    assert advex.read_image(str(tmp_path / "ok.png")).shape == (3, 8, 8)
+
+
+def test_report_reads_only_well_formed_files(tmp_path, capsys):
+    """A results.json whose records are malformed is refused before any work; a corrupt plan.json is ignored."""
+    advex.write_results(str(tmp_path), [rec("robust", advex.RA, 50.0)], {"r1": {}})
+    (tmp_path / "plan.json").write_text("{bad")
+    advex.main(["report", "--out", str(tmp_path), "--since", "1"])
+    assert "| stage |" in capsys.readouterr().out
+    res = json.load(open(tmp_path / "results.json"))
+    for broken in (dict(res, records=[dict(res["records"][0], value="50")]), dict(res, stages=[3]), dict(res, not_run="x")):
+        (tmp_path / "results.json").write_text(json.dumps(broken))
+        assert "not an advex results file" in cli_error(capsys, "report", "--out", str(tmp_path))
 
 
 def test_models_refuse_uint8_images_and_shares_are_exact():
@@ -1239,6 +1294,12 @@ def test_models_refuse_uint8_images_and_shares_are_exact():
             model(bad)
     model((x * 1.5 - 0.25).clamp(-0.5, 1.5))  # within the slack that advex's own filtered images need
     assert torch.allclose(model(x.double()), model(x)) and model(x.double()).dtype == torch.float32  # float64: converted
+    for bad, message in ((x[:, :1], r"takes images \(B, 3, H, W\), not Tensor \(2, 1, 32, 32\)"),
+                         (x[0], r"not Tensor \(3, 32, 32\)"), (x.numpy(), "not ndarray"),
+                         (torch.where(x > 0.99, float("nan"), x), "NaN or infinite")):
+        with pytest.raises(advex.AdvexError, match=message):
+            model(bad)
+    assert model(x[:0]).shape == (0, 10)  # an empty batch: empty logits
     squares = advex.new_model(dict(arch="fastnet", width=8, classes=2, pixels=(-1.1, 1.1)), torch.device("cpu"))
     squares(torch.full((2, 3, 32, 32), -1.1))  # a model of another range says so, and keeps it in its checkpoint
     assert advex.checkpoint(squares, dict(arch="fastnet", width=8, pixels=(-1.1, 1.1)), 1.0)["pixels"] == (-1.1, 1.1)

@@ -233,8 +233,9 @@ def _main(argv):
     p.add_argument("--points", type=int, default=32, help="points per seed")
     p.add_argument("--out", default="runs", help="folder for toy2d.png and toy2d.json")
     a = p.parse_args(argv)
-    if a.seeds < 1 or a.seed < 0 or a.points < 2 or not 0 <= a.eps < math.inf:
-        p.error("need --seeds >= 1, --seed >= 0, --points >= 2 and a finite --eps >= 0")
+    if not (1 <= a.seeds and 0 <= a.seed and a.seed + a.seeds < 2 ** 63 and 0 <= (a.figure_seed or 0) < 2 ** 63
+            and a.points >= 2 and 0 <= a.eps < math.inf):
+        p.error("need --seeds >= 1, --seed and --figure-seed in 0..2^63, --points >= 2 and a finite --eps >= 0")
     advex.writable(a.out, "--out")  # a folder we cannot write to, or an unreadable results.json, stops us here,
     advex.read_results(a.out)  # not after the work
     seeds = list(range(a.seed, a.seed + a.seeds))
