@@ -1862,7 +1862,8 @@ def exp_style(cfg, dev):
 # Artifact cache: one helper, stage(), runs a stage or reads back what it made, keyed by everything that made it
 # =====================================================================================================================
 
-CODE = hashlib.sha1(open(__file__, "rb").read()).hexdigest()[:10]  # this file's text: part of every key
+with open(__file__, "rb") as _f:
+    CODE = hashlib.sha1(_f.read()).hexdigest()[:10]  # this file's text: part of every key
 WHERE = {"data", "out", "export", "download", "device", "compile", "attack_batch", "seed", "seeds", "since"}  # never in a key
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 STAGES = []   # this process's timed stages; main() adds them to results.json
@@ -2993,7 +2994,10 @@ def need_files(dataset, root, folder, names, download):
 
 def cifar_official(folder):
     """Whether the six CIFAR-10 batch files in `folder` are the official ones (their md5 sums)."""
-    return all(hashlib.md5(open(os.path.join(folder, n), "rb").read()).hexdigest() == md5 for n, md5 in CIFAR_FILES.items())
+    def md5(name):
+        with open(os.path.join(folder, name), "rb") as f:
+            return hashlib.md5(f.read()).hexdigest()
+    return all(md5(n) == digest for n, digest in CIFAR_FILES.items())
 
 
 def load_cifar10(root, download=True, warn=True):
