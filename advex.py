@@ -150,6 +150,7 @@ class Config:
     leak_eps: float = knob(1.0, ">=0")  # leakage: L2 radius of its adversarial training (0.5 left Spec 2 unmet: README)
     leak_epochs: int = 10         # leakage: epochs of that linear classifier
     leak_lr: float = 0.002        # leakage: its peak lr (a linear model on 3072 correlated pixels diverges at 0.2)
+    leak_batch: int = 512         # leakage: its batch size (a linear model is launch-bound on a GPU: RESULTS.md)
     transfer_archs: tuple = knob(("fastnet", "resnet18", "vgg16"), ARCHS)  # transfer: architectures, --std-arch among them
     transfer_width: int = knob(0, "0 or >=2")  # transfer: base width of the architectures other than the source (0 = --width)
     # Gilmer & Hendrycks: frequency
@@ -178,11 +179,11 @@ class Config:
 # quick: every experiment in seconds (the tests). paper: the paper's own recipe, for GPU-hours (README, Speed).
 SCALES = {
     "full": {},
-    "cpu": dict(n_train=10000, n_test=2000, n_val=2000, std_arch="fastnet", std_epochs=30, std_augment="flip", width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,
+    "cpu": dict(n_train=10000, n_test=2000, n_val=2000, leak_batch=256, std_arch="fastnet", std_epochs=30, std_augment="flip", width=16, epochs=15, batch=256, adv_epochs=10, adv_steps=4, adv_step=0.2,
                 eval_steps=10, attack_batch=256, inv_steps=30, rel_eps=1.0, rel_steps=20, rel_step=0.125,
                 con_epochs=25, mis_teacher_epochs=8, mis_epochs=20, mnist_epochs=10, bugs_k=3, squares_n=2000,
                 squares_lr=3e-4, transfer_width=8, freq_images=200, style_images=200, style_steps=10, style_iters=150),
-    "quick": dict(n_train=200, n_test=100, n_val=50, std_arch="fastnet", std_epochs=2, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
+    "quick": dict(n_train=200, n_test=100, n_val=50, leak_batch=50, std_arch="fastnet", std_epochs=2, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
                   attack_batch=256, inv_steps=5, rel_steps=5, con_epochs=2, mis_teacher_epochs=1, mis_epochs=2,
                   mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2,
                   freq_images=4, lin_size=8, lin_robustness=0.5, lin_null=50, style_images=8, style_steps=2, style_size=32, style_iters=3),
@@ -1385,7 +1386,7 @@ def exp_leakage(cfg, dev):
     cfg, data = cifar(cfg, dev)
     x, y, xte, yte = data
     lin = train_model(cfg, dev, "leakage-linear", x, y, recipe(
-        cfg, arch="linear", width=0, epochs=cfg.leak_epochs, lr=cfg.leak_lr, augment=False, adv_eps=cfg.leak_eps,
+        cfg, arch="linear", width=0, epochs=cfg.leak_epochs, lr=cfg.leak_lr, batch=cfg.leak_batch, augment=False, adv_eps=cfg.leak_eps,
         adv_steps=cfg.adv_steps, adv_step=2.5 * cfg.leak_eps / cfg.adv_steps))
     e = "leakage"
     feats = lambda imgs: over_set(lin, lambda xb: lin(xb).float(), imgs, cfg.attack_batch)  # (N, 10): its features
