@@ -2592,7 +2592,7 @@ def check_claims(records, not_run=None):
             rows.append((claim, kind, criterion, "; ".join(dict.fromkeys(why)), "NOT RUN", ""))
             continue
         run = max(runs, key=order.get)
-        missing = [m for n, m in needs if run not in table.get((n, m), {})]
+        missing = [f"{n} {m}" for n, m in needs if run not in table.get((n, m), {})]
         if kind == "relative" and run not in table.get(needs[-1], {}):
             rows.append((claim, kind, criterion, f"no baseline in this run: {' '.join(needs[-1])} (run `{needs[-1][0]}` "
                          f"with the same settings)", "NOT RUN", run))
