@@ -2418,7 +2418,8 @@ def within_chance(a, n, what=""):
 def relative(num, base):
     """A relative criterion: ours = value / this run's baseline, against REL x PAPER[num] / PAPER[base]."""
     bar = REL * PAPER[num] / PAPER[base]
-    return lambda v, b: (v / b >= bar, f"{num[0]} ratio {v / b:.3g} vs {REL:g} x {PAPER[num]:g}/{PAPER[base]:g} = {bar:.3g}")
+    return lambda v, b: ((v / b >= bar, f"{num[0]} ratio {v / b:.3g} vs {REL:g} x {PAPER[num]:g}/{PAPER[base]:g} = {bar:.3g}")
+                         if b > 0 else (False, f"{base[0]}'s baseline is {b:g}: no ratio (nothing was learnt to keep)"))
 
 
 def judged(*parts):
