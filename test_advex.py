@@ -822,7 +822,7 @@ def test_the_standard_source_is_the_papers_kind():
 # Ilyas et al.'s recipe, written out: App. C, and MadryLab's robustness library (its CIFAR defaults) where the paper is
 # silent (README, Deviations): what `--scale paper` must set, field by field.
 PAPER_RECIPE = dict(std_arch="resnet50", arch="resnet50", width=64, std_epochs=150, epochs=150, adv_epochs=150,
-                    con_epochs=150, batch=128, lr=0.1, rel_lr=0.01, momentum=0.9, wd=5e-4, optimizer="step",
+                    con_epochs=150, det_epochs=150, det_flips=False, batch=128, lr=0.1, rel_lr=0.01, momentum=0.9, wd=5e-4, optimizer="step",
                     std_augment="crop+flip", augment=True, adv_eps=0.5, adv_steps=7, adv_step=0.1, inv_method="paper",
                     inv_steps=1000, inv_step=0.1, rel_eps=0.5, rel_steps=100, rel_step=0.1, n_train=0, n_test=0)
 
@@ -832,7 +832,7 @@ def test_the_paper_preset_is_the_papers_recipe_and_runs(data_dir, tmp_path, monk
     (momentum without Nesterov, lr / 10 after each third); and the preset end to end at tiny sizes (flags override)."""
     cfg = advex.parse_args(["ilyas", "--scale", "paper"])[1]
     assert {k: getattr(cfg, k) for k in PAPER_RECIPE} == PAPER_RECIPE
-    assert advex.CONSTRUCTIONS["d_rand"][3](cfg) == {"lr": 0.01} and advex.CONSTRUCTIONS["d_det"][3](cfg) == {"augment": False}
+    assert advex.CONSTRUCTIONS["d_rand"][3](cfg) == {"lr": 0.01} and advex.CONSTRUCTIONS["d_det"][3](cfg) == {"augment": False, "epochs": 150}
     lrs, inner = [], torch.optim.SGD.step
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a: lrs.append((self.param_groups[0]["lr"],
                                                                               self.param_groups[0]["nesterov"])) or inner(self, *a))
@@ -841,7 +841,7 @@ def test_the_paper_preset_is_the_papers_recipe_and_runs(data_dir, tmp_path, monk
     assert [l for l, _ in lrs] == pytest.approx([0.1] * 4 + [0.01] * 4 + [0.001] * 4) and not any(n for _, n in lrs)
     monkeypatch.undo()
     tiny = ["--n-train", "20", "--n-test", "5", "--width", "8", "--std-epochs", "1", "--epochs", "1", "--adv-epochs", "1",
-            "--con-epochs", "1", "--inv-steps", "2", "--rel-steps", "2", "--eval-steps", "1", "--adv-steps", "1",
+            "--con-epochs", "1", "--det-epochs", "1", "--inv-steps", "2", "--rel-steps", "2", "--eval-steps", "1", "--adv-steps", "1",
             "--batch", "10", "--attack-batch", "64"]
     advex.main(["d_rand", "d_det", "--scale", "paper", "--data", data_dir, "--download", "0", "--out", str(tmp_path), *tiny])
     res = json.load(open(tmp_path / "results.json"))
@@ -907,12 +907,13 @@ def test_the_d_det_ablation_changes_what_each_row_names(data_dir, tmp_path, monk
     q = advex.SCALES["quick"]
     ref, eps2, fresh2 = (got[f"{r}: d_det: val acc"]["settings"] for r in rows)
     assert (ref["rel_eps"], eps2["rel_eps"], fresh2["rel_eps"]) == (advex.Config.rel_eps, 2 * advex.Config.rel_eps, advex.Config.rel_eps)
-    assert (ref["epochs"], eps2["epochs"], fresh2["epochs"]) == (q["con_epochs"], q["con_epochs"], 2 * q["con_epochs"])
+    assert (ref["det_epochs"], eps2["det_epochs"], fresh2["det_epochs"]) == (q["det_epochs"], q["det_epochs"], 2 * q["det_epochs"])
+    assert ref["epochs"] == q["con_epochs"] and fresh2["epochs"] == 2 * q["con_epochs"] and ref["det_flips"] is True
     assert f"{rows[0]}: d_shortcut: val acc" in got and f"{rows[2]}: d_rand: val acc" not in got  # D_det alone there
     assert all(r["settings"]["evaluated_on"] == "validation" for r in got.values())
     ds = {int(a["key"]["rel_eps"] * 100): a for a in (torch.load(tmp_path / "artifacts" / f, weights_only=True)
           for f in os.listdir(tmp_path / "artifacts") if f.startswith("d_det-from")) for a in [dict(a, key=json.loads(a["key"]))]}
-    assert set(ds) == {50, 100}  # the doubled radius built its own set; the fresh row reused the reference's
+    assert set(ds) == {100, 200}  # the doubled radius built its own set; the fresh row reused the reference's
     assert got[f"{rows[1]}: d_det: val acc, minus the first row"]["value"] == pytest.approx(
         got[f"{rows[1]}: d_det: val acc"]["value"] - got[f"{rows[0]}: d_det: val acc"]["value"], abs=1e-3)
 
@@ -1106,6 +1107,7 @@ def test_ilyas_quick_end_to_end(ilyas_quick, data_dir, capsys):
     s = advex.SCALES["quick"]
     assert got[("d_rand", "standard acc")]["settings"] == dict(lr=advex.Config.rel_lr, augment=True, epochs=s["con_epochs"])
     assert got[("d_det", "standard acc")]["settings"]["augment"] is False
+    assert got[("d_det", "standard acc")]["settings"]["epochs"] == got[("d_shortcut", "standard acc")]["settings"]["epochs"] == s["det_epochs"]
     assert "| d_nr | standard acc |" in open(out / "results.md").read()
     from PIL import Image
     for name in ("d_r", "d_nr", "d_rand", "d_det"):
@@ -1114,10 +1116,12 @@ def test_ilyas_quick_end_to_end(ilyas_quick, data_dir, capsys):
     # the constructed datasets: D_det labels are exactly the shifted true labels; fp16 images in the eps-ball
     det, rand = artifact(out, "d_det-from"), artifact(out, "d_rand-from")
     xtr, ytr, _, _ = advex.load_cifar10(data_dir, download=False, warn=False)
-    assert torch.equal(det["labels"], (ytr + 1) % 10) and torch.equal(det["true"], ytr)
+    assert len(rand["labels"]) == len(ytr) and len(det["labels"]) == 2 * len(ytr)  # D_det: each image and its mirror
+    x2, y2 = torch.cat([xtr, xtr.flip(-1)]), torch.cat([ytr, ytr])
+    assert torch.equal(det["labels"], (y2 + 1) % 10) and torch.equal(det["true"], y2)
     assert det["images"].dtype == torch.float16 and det["images"].min() >= 0 and det["images"].max() <= 1
-    assert ((det["images"].float() - xtr / 255).flatten(1).norm(dim=1) <= advex.Config.rel_eps + 1e-2).all()
-    assert det["key"]["rule"] == "det" and rand["key"]["rule"] == "rand"  # the rule is in the key
+    assert ((det["images"].float() - x2 / 255).flatten(1).norm(dim=1) <= advex.Config.rel_eps + 1e-2).all()
+    assert det["key"]["det_flips"] is True and rand["key"]["rule"] == "rand"  # how each was made is in its key
     assert det["key"]["models"] == rand["key"]["models"] and det["key"]["models"][0]["inputs"]  # one source model
     # the source's margin on t: logit_t minus the largest other logit, of the images it keeps (over t != y)
     with advex.bf16_on("cpu", json.load(open(out / "results.json"))["runs"][recs[0]["run"]]["precision"] == "bf16"):
@@ -1129,8 +1133,8 @@ def test_ilyas_quick_end_to_end(ilyas_quick, data_dir, capsys):
     # the shortcut control: D_det's labels, each perturbation replaced by its class's one pattern, of the same size
     cut = artifact(out, "d_shortcut-from")
     assert torch.equal(cut["labels"], det["labels"]) and "d_shortcut" in {e for e, _ in got}
-    delta, det_delta = cut["images"].float() - xtr / 255, det["images"].float() - xtr / 255
-    inside = ((xtr > 20) & (xtr < 235)).flatten(1).all(dim=1)  # no pixel clipped by the [0,1] box, and a perturbation
+    delta, det_delta = cut["images"].float() - x2 / 255, det["images"].float() - x2 / 255
+    inside = ((x2 > 20) & (x2 < 235)).flatten(1).all(dim=1)  # no pixel clipped by the [0,1] box, and a perturbation
     inside &= det_delta.flatten(1).norm(dim=1) > 0.05  # well above fp16's rounding of the stored images (~0.008)
     assert inside.sum() >= 10
     assert torch.allclose(delta[inside].flatten(1).norm(dim=1), det_delta[inside].flatten(1).norm(dim=1), rtol=0.02, atol=2e-3)
