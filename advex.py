@@ -186,7 +186,7 @@ SCALES = {
                 con_epochs=25, det_epochs=50, mis_teacher_epochs=8, mis_epochs=20, mnist_epochs=10, bugs_k=3, squares_n=2000,
                 squares_lr=3e-4, transfer_width=8, freq_images=200, style_images=200, style_steps=10, style_iters=150),
     "quick": dict(n_train=200, n_test=100, n_val=50, leak_batch=50, std_arch="fastnet", std_epochs=2, width=8, epochs=2, adv_epochs=1, batch=50, adv_steps=2, eval_steps=3,
-                  attack_batch=256, inv_steps=5, rel_steps=5, con_epochs=2, det_epochs=3, mis_teacher_epochs=1, mis_epochs=2,
+                  attack_batch=256, inv_steps=5, rel_steps=5, con_epochs=2, det_epochs=1, mis_teacher_epochs=1, mis_epochs=2,
                   mnist_epochs=1, mnist_batch=50, bugs_k=2, squares_n=400, squares_epochs=3, leak_epochs=2,
                   freq_images=4, lin_size=8, lin_robustness=0.5, lin_null=50, style_images=8, style_steps=2, style_size=32, style_iters=3),
     # paper: Ilyas et al.'s recipe (App. C; MadryLab's robustness library where the paper is silent; README, Deviations):
