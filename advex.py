@@ -125,7 +125,7 @@ class Config:
     inv_steps: int = 150          # gradient steps on ||g(z) - g(x)||_2 (--inv-method paper: 1000 unless given)
     inv_step: float = 1.0         # L2 step length, pixel units: fast: the longest step | paper: every step (0.1 unless given)
     # Ilyas Sec. 3.2: relabelled adversarial datasets by targeted L2 PGD on the standard model
-    rel_eps: float = knob(1.0, ">=0")  # L2 radius, pixel units (the paper's 0.5 taught D_det little: RESULTS.md, D_det ablation)
+    rel_eps: float = knob(1.0, ">=0")  # L2 radius, pixel units (the paper: 0.5; README, Deviations)
     rel_steps: int = 100          # PGD steps
     rel_step: float = 0.2         # L2 step length
     rel_keep: str = knob("best", ("best", "final"))  # the iterate kept: the closest to t (MadryLab's use_best) | the last
@@ -1081,7 +1081,7 @@ def det_set(src, x, y, name, *, det_flips, rel_eps, rel_steps, rel_step, rel_kee
     """Sec. 3.2's D_det (t = y + 1). A model trains on it without augmentation (a mirrored perturbation no longer
     points at t), so with det_flips each training image's mirror image joins the set before the attack and is
     attacked on its own: 2N images, the flips' variety kept (KellerJordan/features-not-bugs: perturbations of
-    augmented copies; at laptop scale +7.6 points of D_det at equal training cost: RESULTS.md, D_det ablation)."""
+    augmented copies; at laptop scale +7.6 points of D_det at equal training cost: RESULTS.md, "D_det at the paper's strength")."""
     x, y = with_mirrors(x, y) if det_flips else (x, y)
     return relabelled_set(src, x, y, name, rule="det", rel_eps=rel_eps, rel_steps=rel_steps, rel_step=rel_step,
                           rel_keep=rel_keep, attack_batch=attack_batch)
@@ -3338,7 +3338,7 @@ EXPERIMENTS = {
     "mnist-fashion": (exp_mnist_fashion, "n_train n_test mnist momentum wd", "mnist fashion"),
     "bugs": (exp_bugs, "train adv_epochs bugs standard_from", "cifar"),
     "squares": (exp_squares, "squares width fastnet", ""),
-    "leakage": (exp_leakage, "train std leak adv_steps rel con standard_from", "cifar"),
+    "leakage": (exp_leakage, "train std leak adv_steps rel con det standard_from", "cifar"),
     "transfer": (exp_transfer, "train std transfer rel con det standard_from", "cifar"),
     "frequency": (exp_frequency, "train adv freq standard_from robust_from", "cifar"),
     "linear-features": (exp_linear_features, "lin", "cifar"),
