@@ -131,8 +131,8 @@ def trained_tiny():
 
 @pytest.fixture(scope="module")
 def robust_tiny():
-    """The same, adversarially trained (L2 eps 1)."""
-    return fit_tiny(0, adv_eps=1.0)
+    """The same, adversarially trained (L2 eps 1), on 400 of the 600 images (a third less time)."""
+    return fit_tiny(0, adv_eps=1.0, n=400)
 
 
 # ---------------------------------------------------------------------------- PGD
@@ -536,7 +536,7 @@ def test_adversarial_training_improves_robustness(trained_tiny, robust_tiny):
     xt, yt = xt[:100], yt[:100]
     r_std = advex.robust_accuracy(std, xt, yt, 1.0, 10)
     r_rob = advex.robust_accuracy(robust_tiny, xt, yt, 1.0, 10)
-    assert r_rob > r_std + 20, (r_std, r_rob)  # measured +29 to +43 on four CPU kernel paths (2 PGD steps)
+    assert r_rob > r_std + 20, (r_std, r_rob)  # measured +27 to +37 on four CPU kernel paths (2 PGD steps, 400 images)
 
 
 def test_evaluation_reports_attack_settings_and_is_computed_once(trained_tiny, tmp_path):
@@ -920,7 +920,8 @@ def test_the_d_det_ablation_changes_what_each_row_names(data_dir, tmp_path, monk
 
 def test_scales_are_well_formed(tmp_path):
     """Every preset key is a Config field of the same type, and the preset passes the checks; a smaller scale
-    runs every stage of the full run (no experiment switched off), at no larger size."""
+    runs every stage of the full run (no experiment switched off), at no larger size (the paper's recipe may be larger:
+    its 100 relabelling steps against the full size's 50)."""
     full = advex.Config(out=str(tmp_path))
     sizes = {"width", "bugs_k", "squares_n", "eval_steps", "adv_steps", "inv_steps", "rel_steps"}  # epochs and rates may grow
     for scale, preset in advex.SCALES.items():
@@ -929,7 +930,7 @@ def test_scales_are_well_formed(tmp_path):
         advex.check_config(cfg, "ilyas")
         for k, v in preset.items():
             assert type(v) is type(getattr(full, k)), (scale, k)
-            assert k not in sizes or v <= getattr(full, k), (scale, k)
+            assert k not in sizes or v <= getattr(full, k) or scale == "paper", (scale, k)
         archs = cfg.transfer_archs
         assert cfg.std_arch in archs and len(archs) >= 3 and cfg.bugs_k >= 2 and cfg.eval_eps == full.eval_eps
 
