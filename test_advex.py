@@ -27,9 +27,8 @@ REAL_DATA = os.environ.get("ADVEX_DATA", os.path.join(HERE, "data"))
 torch.set_num_threads(min(4, torch.get_num_threads()))
 BATCH = 40  # images per CIFAR batch file written here; the real files hold advex.CIFAR_BATCH = 10000
 advex.CIFAR_BATCH = BATCH
-# advex in a fresh process, reading this file's small CIFAR batches
-# advex in a fresh process, with Ctrl-C raising KeyboardInterrupt even where the suite was started in the background (a
-# shell's `&` makes its children ignore SIGINT, and Python then leaves it ignored)
+# advex in a fresh process, reading this file's small CIFAR batches, with Ctrl-C raising KeyboardInterrupt even where
+# the suite was started in the background (a shell's `&` makes its children ignore SIGINT, and Python leaves it so)
 SUBPROCESS = [sys.executable, "-c", "import signal, sys, advex; signal.signal(signal.SIGINT, signal.default_int_handler); "
               f"advex.CIFAR_BATCH = {BATCH}; advex.main(sys.argv[1:])"]
 
