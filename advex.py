@@ -618,7 +618,7 @@ def invert(model, x, x0, steps, step, method="fast", batch=4096, name="", amp=Fa
       method 'paper': `steps` L2-normalised gradient steps of length `step` (the paper: 1000 of 0.1).
       method 'fast': Polyak step lengths, min(step, 0.5 * f / ||grad f||) with f = ||g(z) - g(x)||^2, along a
         heavy-ball momentum (0.8) of normalised gradients: 150 steps match g(x) more closely than the paper's
-        1000 and end about as far from x0 (README, "Inversion in 150 steps"; test_advex.py checks both).
+        1000 and end about as far from x0 (RESULTS.md, "Inversion in 150 steps"; test_advex.py checks both).
     x, x0: (N, C, H, W) in [0,1]. Returns z (N, C, H, W) fp32 and the relative distance
     ||g(z) - g(x)|| / ||g(x)|| (N,), the construction's quality."""
     if method not in ("fast", "paper"):
