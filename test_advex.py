@@ -128,7 +128,7 @@ def trained_tiny():
     """A tiny fastnet trained to high accuracy on learnable colour images (seconds on a CPU)."""
     model = fit_tiny(0)
     xt, yt = colour_images(200, torch.Generator().manual_seed(6))
-    assert advex.accuracy(model, xt, yt) > 80  # measured 90-100 on four CPU kernel paths (both layouts)
+    assert advex.accuracy(model, xt, yt) > 80  # measured 90-100 on four CPU kernel paths
     return model, xt, yt
 
 
@@ -197,7 +197,7 @@ def test_targeted_pgd_reaches_targets(trained_tiny):
     x, y = x[:50], y[:50]
     t = (y + 1) % 10
     xa, hit = advex.pgd(model, x, t, 6.0, 20, step=0.6, targeted=True)
-    assert (advex.predict(model, xa) == t).float().mean() > 0.75 and hit.float().mean() > 0.75  # measured 0.88-1.0 (both layouts)
+    assert (advex.predict(model, xa) == t).float().mean() > 0.75 and hit.float().mean() > 0.75  # measured 0.88-1.0
     xu, _ = advex.pgd(model, x, y, 6.0, 20, step=0.6)  # untargeted with the same budget: wrong, rarely t
     pu = advex.predict(model, xu)
     assert (pu != y).float().mean() > 0.9 and (pu == t).float().mean() < 0.5
@@ -539,7 +539,7 @@ def test_adversarial_training_improves_robustness(trained_tiny, robust_tiny):
     xt, yt = xt[:100], yt[:100]
     r_std = advex.robust_accuracy(std, xt, yt, 1.0, 10)
     r_rob = advex.robust_accuracy(robust_tiny, xt, yt, 1.0, 10)
-    assert r_rob > r_std + 20, (r_std, r_rob)  # measured +37 to +46 on four CPU kernel paths (2 PGD steps, 400 images; +27 to +37 before channels_last)
+    assert r_rob > r_std + 20, (r_std, r_rob)  # measured +37 to +46 on four CPU kernel paths (2 PGD steps, 400 images)
 
 
 def test_evaluation_reports_attack_settings_and_is_computed_once(trained_tiny, tmp_path):
