@@ -197,7 +197,7 @@ def test_targeted_pgd_reaches_targets(trained_tiny):
     x, y = x[:50], y[:50]
     t = (y + 1) % 10
     xa, hit = advex.pgd(model, x, t, 6.0, 20, step=0.6, targeted=True)
-    assert (advex.predict(model, xa) == t).float().mean() > 0.75 and hit.float().mean() > 0.75  # measured 0.88-1.0
+    assert (advex.predict(model, xa) == t).float().mean() > 0.75 and hit.float().mean() > 0.75  # measured 0.98-1.0
     xu, _ = advex.pgd(model, x, y, 6.0, 20, step=0.6)  # untargeted with the same budget: wrong, rarely t
     pu = advex.predict(model, xu)
     assert (pu != y).float().mean() > 0.9 and (pu == t).float().mean() < 0.5
@@ -1512,7 +1512,7 @@ def test_nontransferable_attack_moves_target_keeps_ensemble(trained_tiny, ensemb
         assert all(ce(m, xa, y) < ce(m, xf, y) + 0.5 for m in members)
     plain, _ = advex.pgd(target, x, t, eps, 10, norm, step, targeted=True)
     keep = lambda z: sum((advex.predict(m, z) == y).float().mean() for m in members) / len(members)
-    # the members keep y about as well as on clean images (measured -0.05 to +0.02 on four CPU kernel paths), and at
+    # the members keep y about as well as on clean images (measured -0.05 to 0 on four CPU kernel paths), and at
     # least as well as under plain PGD (0.10 to 0.50 better)
     assert keep(xa) >= keep(advex.to_float(x)) - 0.1 and keep(xa) >= keep(plain)
 
