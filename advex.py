@@ -2024,11 +2024,9 @@ def checkpoint(model, r, epochs_done):
 
 
 def new_model(r, dev, state=None):
-    """A model of recipe r on dev, fresh from the current random stream or with `state`. Its layout is channels_last
-    from base width 16 up, on every device and precision. Measured per step of train() on this project's 2-core CPU:
-    channels_last was faster for FastNet-16 (1.33x in bf16 on AMX, 1.08x in fp32 on AVX2, 1.16x adversarially) and
-    ResNet-18-16 (1.16x fp32); the standard layout was faster at width 8, for ResNet-18-8 (1.41x bf16, 1.22x fp32) and
-    VGG-16-8 (1.22x, 1.08x): Fig. 3's laptop models (RESULTS.md, "Memory layout")."""
+    """A model of recipe r on dev, fresh from the current random stream or with `state`. Channels_last from base
+    width 16 up, on every device and precision, where it trained faster on both CPU paths; at width 8 (Fig. 3's
+    laptop ResNet-18 and VGG-16) the standard layout was the faster (RESULTS.md, "Memory layout")."""
     model = make_model(r["arch"], r["width"], r.get("classes", 10), *r.get("norm", (CIFAR_MEAN, CIFAR_STD)),
                        r.get("design")).to(dev)
     model.pixels = tuple(r.get("pixels", Net.pixels))

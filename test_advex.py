@@ -109,7 +109,7 @@ def cli_error(capsys, *args, main=advex.main, prog="advex"):
 
 
 def tiny_net(seed=0, width=8):
-    """A fresh FastNet as the CLI makes one (new_model: channels_last from width 16 up, as the experiments run)."""
+    """A fresh FastNet made as the CLI makes one (new_model: its memory layout too)."""
     torch.manual_seed(seed)
     return advex.new_model(dict(arch="fastnet", width=width), torch.device("cpu"))
 
