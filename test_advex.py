@@ -27,6 +27,9 @@ REAL_DATA = os.environ.get("ADVEX_DATA", os.path.join(HERE, "data"))
 torch.set_num_threads(min(4, torch.get_num_threads()))
 BATCH = 40  # images per CIFAR batch file written here; the real files hold advex.CIFAR_BATCH = 10000
 advex.CIFAR_BATCH = BATCH
+# quick runs whose models are all FastNets run narrower than the quick preset's 8 (a few seconds less); a ResNet at
+# width 4 stalled for minutes on denormal floats on the AVX2 path, so runs with ResNets or VGGs keep 8 (RESULTS.md)
+NARROW = ["--width", "4"]
 # advex in a fresh process, reading this file's small CIFAR batches, with Ctrl-C raising KeyboardInterrupt even where
 # the suite was started in the background (a shell's `&` makes its children ignore SIGINT, and Python leaves it so)
 SUBPROCESS = [sys.executable, "-c", "import signal, sys, advex; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -591,7 +594,7 @@ def test_compiled_models_give_the_eager_numbers(monkeypatch):
         model = advex.maybe_compile(tiny_net(0, 8), x, on)
         torch.manual_seed(1)
         advex.train(model, x, y, epochs=3, batch=20, lr=0.05, adv_eps=0.5, adv_steps=1, adv_step=0.5)
-        return [*model.state_dict().values(), *advex.pgd(model, x, y, 0.5, 2)]  # the attack: eval mode's logits
+        return [*model.state_dict().values(), *advex.pgd(model, x, y, 0.5, 2)]  # pgd: the compiled eval-mode forward
 
     eager = run(False)
     assert not compiled
@@ -740,8 +743,9 @@ def test_a_fresh_process_gives_the_same_numbers_and_an_interrupted_run_resumes(d
     """A run in this process, and the same run through the real entry point in a fresh process (which starts from its
     own random torch seed), interrupted with Ctrl-C after its first checkpoint: both trained that checkpoint bit for bit
     alike. The rerun of the interrupted one resumes from it and writes the first run's numbers (wall times aside)."""
-    args = ["d_rand", "--width", "4", "--scale", "quick", "--data", data_dir, "--download", "0", "--out"]
-    run_cli(*args[:3], out=tmp_path / "a", data=data_dir)  # this process: its torch seed is whatever the tests left
+    exp = ["d_rand", *NARROW]
+    args = [*exp, "--scale", "quick", "--data", data_dir, "--download", "0", "--out"]
+    run_cli(*exp, out=tmp_path / "a", data=data_dir)  # this process: its torch seed is whatever the tests left
     p = subprocess.Popen(SUBPROCESS + args + [str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, cwd=HERE)
     for line in p.stdout:
@@ -755,7 +759,7 @@ def test_a_fresh_process_gives_the_same_numbers_and_an_interrupted_run_resumes(d
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(f.startswith("d_rand-model") for f in os.listdir(tmp_path / "b" / "artifacts"))  # it did stop
     capsys.readouterr()
-    run_cli(*args[:3], out=tmp_path / "b", data=data_dir)
+    run_cli(*exp, out=tmp_path / "b", data=data_dir)
     assert "[standard (fastnet)] reading" in capsys.readouterr().out
     values = lambda out: {(r["experiment"], r["metric"]): r["value"] for r in json.load(open(out / "results.json"))["records"]
                           if "wall" not in r["metric"]}
@@ -1085,7 +1089,7 @@ def ilyas_quick(data_dir, tmp_path_factory):
     plan left, plan.json, the flags). Shared by the end-to-end and the plan tests: the suite's time budget."""
     out = tmp_path_factory.mktemp("ilyas")
     q = ["--scale", "quick", "--data", data_dir, "--download", "0", "--out", str(out / "o"), "--mis-arch", "fastnet",
-         "--width", "4"]
+         *NARROW]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         advex.main(["plan", "ilyas", "mislabeled", *q])
@@ -1556,8 +1560,8 @@ def test_linear_certificates_known_answer():
 
 @pytest.mark.parametrize("experiment", ["bugs", "squares", "leakage"])
 def test_response_experiments_quick(data_dir, tmp_path, experiment):
-    width = "8" if experiment == "squares" else "4"  # its ResNet-18 at width 4 stalls on the AVX2 path (RESULTS.md)
-    recs = run_cli(experiment, "--n-train", "40", "--n-test", "20", "--squares-n", "100", "--width", width, out=tmp_path,
+    narrow = [] if experiment == "squares" else NARROW  # squares: a ResNet-18
+    recs = run_cli(experiment, "--n-train", "40", "--n-test", "20", "--squares-n", "100", *narrow, out=tmp_path,
                    data=data_dir)
     mine = [r for r in recs if r["experiment"].startswith(experiment)]
     assert mine and all(r["value"] == r["value"] for r in mine)  # written, none NaN
@@ -2163,7 +2167,7 @@ def test_layer_robustness_of_a_linear_layer_is_its_operator_norm_ratio():
 def test_remaining_responses_quick(data_dir, tmp_path, experiment):
     """Every claim of the response has its numbers, and the numbers are what they say they are, recomputed here
     from the stored models, maps and data (a wrong band, image set, threshold or ratio would show)."""
-    recs = run_cli(experiment, "--width", "4", out=tmp_path, data=data_dir)
+    recs = run_cli(experiment, *NARROW, out=tmp_path, data=data_dir)
     mine = {r["metric"]: r for r in recs if r["experiment"] == experiment}
     value = lambda m: mine[m]["value"]
     assert mine and all(math.isfinite(r["value"]) for r in mine.values())
